@@ -1,0 +1,14 @@
+"""qprep's modules: wrappers for tensor ops and modular versions of compound ``torch.nn`` modules."""
+
+from . import ops
+from .base import Input, TensorOp
+from .ops import (
+    Add, Sub, Mul, Div, FloorDiv, Remainder, Fmod, Pow, Neg, Reciprocal, MatMul, MM, BMM,
+    Baddbmm, Addmm, Addbmm, Addcmul, Addcdiv, Einsum, Lerp, Cat, Stack, Where, Clamp, Maximum,
+    Minimum, MaskedFill, Exp, Log, Log2, Log1p, Sqrt, Rsqrt, Abs, Sign, Square, Floor, Ceil,
+    Round, Trunc, Erf, Sin, Cos, Atan2, Expm1, Mean, Sum, Prod, Amax, Amin, Max, Min, Norm,
+    Cumsum, Cumprod, Var, Std, LogSumExp, Argmax, Argmin, Eq, Ne, Lt, Le, Gt, Ge, LogicalNot,
+    LogicalAnd, LogicalOr, BitwiseAnd, BitwiseOr, BitwiseXor, BitwiseNot, Functional,
+)
+
+__all__ = ["Input", "TensorOp", *ops.__all__]

@@ -1,0 +1,149 @@
+"""The base of qprep's wrapper modules: a module that reproduces one call exactly.
+
+A wrapper stores *how* the user called the op (the callable, or a ``Tensor`` method name)
+and a template of its arguments, in which every runtime value is an :class:`Input` slot and
+every constant (a scalar, a dim, ``keepdim``) is kept as it was and shown in ``extra_repr``.
+Its ``forward`` makes exactly that call with the runtime values put back in their slots,
+so the wrapper is bit-exact by construction, in-place forms included (``x += y`` stays
+``operator.iadd``, which mutates ``x`` and returns it, as in eager mode).
+
+Built directly, with no template, a wrapper calls its class's plain form on its inputs:
+``Add()(x, y)`` is ``x + y`` and ``Cat(dim=1)(a, b)`` is ``torch.cat([a, b], dim=1)``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, ClassVar
+
+import torch.nn as nn
+
+__all__ = ["Input", "TensorOp", "describe_call"]
+
+
+class Input:
+    """A slot in an argument template: the ``index``-th input of ``forward``."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"Input({self.index})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Input) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash(("qprep.Input", self.index))
+
+    def __getstate__(self):
+        return self.index
+
+    def __setstate__(self, state):
+        self.index = state
+
+
+def _has_slot(value: Any) -> bool:
+    if isinstance(value, Input):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_slot(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_slot(v) for v in value.values())
+    return False
+
+
+def _fill(value: Any, inputs: tuple) -> Any:
+    if isinstance(value, Input):
+        return inputs[value.index]
+    if isinstance(value, (list, tuple)) and _has_slot(value):
+        filled = [_fill(v, inputs) for v in value]
+        return filled if isinstance(value, list) else type(value)(filled)
+    if isinstance(value, dict) and _has_slot(value):
+        return {k: _fill(v, inputs) for k, v in value.items()}
+    return value
+
+
+def describe_call(call: Callable | str) -> str:
+    """``operator.iadd`` -> ``"operator.iadd"``, ``"add_"`` -> ``"Tensor.add_"``."""
+    if isinstance(call, str):
+        return f"Tensor.{call}"
+    module = getattr(call, "__module__", None) or ""
+    name = getattr(call, "__qualname__", None) or getattr(call, "__name__", repr(call))
+    if module in ("_operator", "operator"):
+        module = "operator"
+    elif module.startswith("torch._C") or module == "torch._VariableFunctions" or not module:
+        module = "torch"
+    if module == "torch.nn.functional":
+        module = "F"
+    return f"{module}.{name}"
+
+
+class TensorOp(nn.Module):
+    """Reproduces one op call; subclasses name the op (``Add``, ``Cat``, ...).
+
+    Args:
+        call: the callable the user called (``operator.add``, ``torch.cat``,
+            ``F.normalize``) or the name of the ``Tensor`` method (``"add_"``); defaults
+            to the class's plain form :attr:`default_call`.
+        args, kwargs: the argument template; :class:`Input` slots take the ``forward``
+            inputs in order. ``None`` means "the inputs, positionally" plus ``kwargs``.
+    """
+
+    #: the plain form, used when the wrapper is built directly.
+    default_call: ClassVar[Callable | str | None] = None
+    #: names of the op's positional parameters, for ``extra_repr``.
+    arg_names: ClassVar[tuple[str, ...]] = ()
+    #: calls that mutate their first argument and return it.
+    inplace_calls: ClassVar[frozenset] = frozenset()
+    #: built directly, pass the inputs as one list (``torch.cat([a, b])``).
+    pack_inputs: ClassVar[bool] = False
+
+    def __init__(self, call: Callable | str | None = None, args: tuple | None = None, kwargs: dict | None = None, **constants):
+        super().__init__()
+        call = call if call is not None else self.default_call
+        if call is None:
+            raise TypeError(f"{type(self).__name__} needs the call it reproduces")
+        self.call = call
+        self.args = tuple(args) if args is not None else None
+        self.kwargs = {**(kwargs or {}), **constants}
+        self._filled = self.args is not None and (_has_slot(self.args) or _has_slot(self.kwargs))
+        self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
+
+    def forward(self, *inputs):
+        if self.args is None:
+            args, kwargs = ((list(inputs),) if self.pack_inputs else inputs), self.kwargs
+        elif self._filled:
+            args, kwargs = _fill(self.args, inputs), _fill(self.kwargs, inputs)
+        else:
+            args, kwargs = self.args, self.kwargs
+        call = self.call
+        if isinstance(call, str):
+            return getattr(args[0], call)(*args[1:], **kwargs)
+        return call(*args, **kwargs)
+
+    def constants(self) -> dict[str, Any]:
+        """The constant (non-input) arguments, by parameter name where known."""
+        out: dict[str, Any] = {}
+        for i, value in enumerate(self.args or ()):
+            if not _has_slot(value):
+                name = self.arg_names[i] if i < len(self.arg_names) else f"arg{i}"
+                out[name] = value
+        for key, value in self.kwargs.items():
+            if not _has_slot(value):
+                out[key] = value
+        return out
+
+    def extra_repr(self) -> str:
+        parts = [f"{k}={v!r}" for k, v in self.constants().items()]
+        if self.call is not self.default_call:
+            parts.append(f"call={describe_call(self.call)}")
+        if self.inplace:
+            parts.append("inplace=True")
+        return ", ".join(parts)
+
+
+def _inplace_ops(*names: str) -> frozenset:
+    return frozenset(getattr(operator, n) for n in names)

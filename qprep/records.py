@@ -1,0 +1,71 @@
+"""The records passes return: :class:`Change` (one per node rewritten or left alone) and
+:class:`PassResult` (what one pass did). Reports are rendered from these, never re-parsed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.fx
+
+__all__ = ["Change", "PassResult", "REWRITTEN", "SKIPPED", "NOTE"]
+
+#: ``Change.action`` values.
+REWRITTEN = "rewritten"  # the node now calls ``Change.module_name``
+SKIPPED = "skipped"  # the node was left alone; ``Change.reason`` says why
+NOTE = "note"  # information about the model that needed no rewrite (opaque leaf, by-design reuse)
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One thing a pass did, or chose not to do, to one node.
+
+    Attributes:
+        pass_name: the pass that made the record.
+        action: :data:`REWRITTEN`, :data:`SKIPPED` or :data:`NOTE`.
+        node: name of the node in the graph the pass received.
+        op: the op as the user wrote it, e.g. ``"out += identity"``, ``"F.sigmoid"``,
+            ``"self.relu (call 2)"``, ``"torch.cat"``.
+        target: the original target, as text (``"operator.iadd"``, ``"torch.nn.functional.relu"``,
+            ``"relu"`` for a module); stable, for tools.
+        location: ``path/to/file.py:LINE`` of the user's source line, or ``""`` when unknown.
+        code: the source line itself, stripped, or ``""``.
+        module_name: qualified name of the module that now runs the op (rewrites), or of the
+            module the record is about (notes).
+        module_type: that module's class, as ``"qprep.modules.Add"`` or ``"torch.nn.ReLU"``.
+        reason: why the node was skipped, or what the note says.
+        scope: qualified name of the user module whose ``forward`` holds the op.
+    """
+
+    pass_name: str
+    action: str
+    node: str
+    op: str
+    target: str = ""
+    location: str = ""
+    code: str = ""
+    module_name: str = ""
+    module_type: str = ""
+    reason: str = ""
+    scope: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """What one pass returned: the graph module (mutated in place and returned), whether
+    anything changed, and the records."""
+
+    graph_module: torch.fx.GraphModule
+    changed: bool
+    changes: tuple[Change, ...] = ()
+
+    @property
+    def rewritten(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.action == REWRITTEN)
+
+    @property
+    def skipped(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.action == SKIPPED)
