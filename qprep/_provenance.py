@@ -11,6 +11,7 @@ import os
 import re
 from typing import Any
 
+import torch
 import torch.fx
 
 from .records import Change
@@ -21,18 +22,34 @@ META_KEY = "qprep"
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 
 
-def _last_frame(node: torch.fx.Node) -> tuple[str, int, str] | None:
-    trace = node.meta.get("stack_trace") or ""
-    frames = _FRAME.findall(trace)
-    if not frames:
-        return None
-    file, line, func = frames[-1]
-    return file, int(line), func
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _frames(node: torch.fx.Node) -> list[tuple[str, int, str]]:
+    """``(file, line, code)`` for each frame of the node's recorded stack trace."""
+    lines = (node.meta.get("stack_trace") or "").splitlines()
+    frames = []
+    for i, text in enumerate(lines):
+        match = _FRAME.search(text)
+        if match:
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.search(lines[i + 1]) else ""
+            frames.append((match["file"], int(match["line"]), code))
+    return frames
+
+
+def _user_frame(node: torch.fx.Node) -> tuple[str, int, str] | None:
+    """The innermost frame outside torch (the user's line), else the innermost frame:
+    for ``F.sigmoid(x)``, traced inside torch as ``x.sigmoid()``, the user's call."""
+    frames = _frames(node)
+    for frame in reversed(frames):
+        if not os.path.abspath(frame[0]).startswith(_TORCH_DIR):
+            return frame
+    return frames[-1] if frames else None
 
 
 def source_location(node: torch.fx.Node) -> str:
     """``path/to/file.py:LINE`` of the user code that made ``node``, or ``""``."""
-    frame = _last_frame(node)
+    frame = _user_frame(node)
     if frame is None:
         return ""
     file, line, _ = frame
@@ -47,14 +64,10 @@ def source_location(node: torch.fx.Node) -> str:
 
 def source_code(node: torch.fx.Node) -> str:
     """The user's source line for ``node``, stripped, or ``""``."""
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
-    if lines and not lines[-1].startswith("File "):
-        return lines[-1]
-    frame = _last_frame(node)
+    frame = _user_frame(node)
     if frame is None:
         return ""
-    return linecache.getline(frame[0], frame[1]).strip()
+    return frame[2] or linecache.getline(frame[0], frame[1]).strip()
 
 
 def module_scope(node: torch.fx.Node) -> str:
@@ -72,7 +85,7 @@ def module_scope(node: torch.fx.Node) -> str:
 
 def stamp(node: torch.fx.Node, pass_name: str, action: str, origin: Any) -> None:
     """Record in ``node.meta["qprep"]`` that ``pass_name`` made ``node`` from ``origin``."""
-    node.meta[META_KEY] = {"pass": pass_name, "action": action, "from": origin}
+    node.meta[META_KEY] = {**(node.meta.get(META_KEY) or {}), "pass": pass_name, "action": action, "from": origin}
 
 
 def record_change(node: torch.fx.Node, pass_name: str, action: str, op: str, target: str = "", **fields) -> Change:

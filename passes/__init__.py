@@ -1,0 +1,1 @@
+"""qprep\x27s rewriting passes, one per file."""

@@ -1,0 +1,167 @@
+"""Pass: ``torch.nn.functional`` calls (and ``torch.relu``/``x.sigmoid()`` twins) -> nn modules.
+
+Before::
+
+    def forward(self, x):
+        out = F.relu(self.fc(x), inplace=True)
+        out = F.linear(out, self.head_weight, self.head_bias)
+        return F.sigmoid(out)                # traced as out.sigmoid()
+
+After::
+
+    def forward(self, x):
+        out = self.relu(self.fc(x))           # nn.ReLU(inplace=True)
+        out = self.linear(out)                # nn.Linear holding self.head_weight itself
+        return self.sigmoid(out)              # nn.Sigmoid()
+
+Calls are bound exactly as Python binds them (defaults included) and the module is built
+from the constant arguments. Functionals that take weights from the model (``F.linear``,
+``F.conv2d``, ``F.batch_norm``, ``F.embedding``, ...) get a module that holds the SAME
+Parameter and buffer objects; the new names are hidden from ``state_dict()``
+(:mod:`qprep.aliases`). Dropout-style calls become ``nn.Dropout`` only where their
+``training`` argument follows ``self.training`` (found by tracing in both modes). When no
+``nn`` module can reproduce the call (``F.normalize``, ``F.interpolate(antialias=True)``, a
+weight computed at run time, a dtype argument), the exact call is kept in a
+:class:`qprep.modules.Functional` wrapper and the record says why.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from qprep import modules as qm
+from qprep._provenance import module_scope, record_change
+from qprep.aliases import hide_aliases
+from qprep.config import PrepareConfig
+from qprep.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS, REQUIRED, BuildContext, Spec, Unconvertible
+from qprep.graph_utils import ModuleNamer, call_template, erase_unused_attrs, replace_with_module, resolve_attr, target_text, type_name
+from qprep.records import REWRITTEN, PassResult
+
+__all__ = ["convert_functionals", "handles", "WITHOUT_MODULE"]
+
+PASS_NAME = "convert_functionals"
+
+_NOT_OPS = frozenset({
+    "has_torch_function", "has_torch_function_unary", "has_torch_function_variadic",
+    "handle_torch_function", "boolean_dispatch", "assert_int_or_pair",
+})
+
+
+def _functionals_without_module() -> frozenset:
+    found = set()
+    for name, value in vars(F).items():
+        if name.startswith("_") or name in _NOT_OPS or isinstance(value, type) or not callable(value):
+            continue
+        module = getattr(value, "__module__", None)
+        if module in (None, "torch.nn.functional", "torch._C._nn", "torch") or type(value).__name__ == "builtin_function_or_method":
+            if value not in FUNCTIONAL_SPECS:
+                found.add(value)
+    return frozenset(found)
+
+
+#: ``torch.nn.functional`` functions with no ``nn`` module: kept in a Functional wrapper.
+WITHOUT_MODULE = _functionals_without_module()
+
+
+def _spec_for(node: torch.fx.Node) -> Spec | None:
+    if node.op == "call_function":
+        try:
+            return FUNCTIONAL_SPECS.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return METHOD_SPECS.get(node.target)
+    return None
+
+
+def _without_module(node: torch.fx.Node) -> bool:
+    try:
+        return node.op == "call_function" and node.target in WITHOUT_MODULE
+    except TypeError:
+        return False
+
+
+def handles(node: torch.fx.Node) -> bool:
+    """Whether this pass owns ``node`` (converts it or keeps it in a wrapper)."""
+    return _spec_for(node) is not None or _without_module(node)
+
+
+def _bind(spec: Spec, node: torch.fx.Node) -> dict:
+    names = [name for name, _ in spec.params]
+    if len(node.args) > len(names):
+        raise Unconvertible(f"{len(node.args)} positional arguments, the function takes {len(names)}")
+    bound = dict(zip(names, node.args))
+    for key, value in node.kwargs.items():
+        if key not in names:
+            raise Unconvertible(f"unexpected argument {key!r}")
+        bound[key] = value
+    for name, default in spec.params:
+        if name not in bound:
+            if default is REQUIRED:
+                raise Unconvertible(f"missing argument {name!r}")
+            bound[name] = default
+    return bound
+
+
+def _has_node(value) -> bool:
+    found = []
+    torch.fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _rank(value) -> int | None:
+    meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _build(gm, spec: Spec, node: torch.fx.Node) -> tuple:
+    bound = _bind(spec, node)
+    for name, value in bound.items():
+        if name not in spec.inputs and name not in spec.parametric and _has_node(value):
+            raise Unconvertible(f"argument {name!r} is computed at run time; nn modules take it as a constant")
+    attrs = {name: resolve_attr(gm, bound[name]) for name in spec.parametric}
+    follows = bool((node.meta.get("qprep") or {}).get("follows_training"))
+    ctx = BuildContext(attrs=attrs, rank=_rank(bound[spec.inputs[0]]), follows_training=follows)
+    module = spec.build(bound, ctx)
+    aliases = {attr: bound[attr].target for attr in ctx.adopted}
+    return module, [bound[name] for name in spec.inputs], aliases
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", "functional")
+
+
+def convert_functionals(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResult:
+    """Replace each functional call by its ``nn`` module, or by an exact wrapper and a reason."""
+    namer = ModuleNamer(gm)
+    changes, aliases = [], {}
+    for node in list(gm.graph.nodes):
+        spec = _spec_for(node)
+        if spec is None and not _without_module(node):
+            continue
+        op_text = target_text(node)
+        scope = module_scope(node)
+        reason = ""
+        try:
+            if spec is None:
+                raise Unconvertible("no nn module with the same semantics")
+            module, inputs, adopted = _build(gm, spec, node)
+        except Unconvertible as exc:
+            reason = f"kept as an exact qprep.modules.Functional wrapper: {exc}"
+            args, kwargs, inputs = call_template(node)
+            module, adopted = qm.Functional(node.target, args, kwargs), {}
+        base = type(module).__name__.lower() if not reason else _op_name(node).strip("_") or "functional"
+        name = namer.name(scope, base)
+        changes.append(record_change(
+            node, PASS_NAME, REWRITTEN, op_text, op_text, module_name=name,
+            module_type=type_name(module), reason=reason,
+        ))
+        replace_with_module(gm, node, name, module, inputs, PASS_NAME)
+        aliases.update({f"{name}.{attr}": target for attr, target in adopted.items()})
+    if aliases:
+        hide_aliases(gm, aliases)
+    erase_unused_attrs(gm)
+    return PassResult(gm, bool(changes), tuple(changes))

@@ -1,0 +1,109 @@
+"""Facts about a traced graph that the passes rely on, gathered before they run:
+
+* :func:`record_types`: the type (and tensor shape) each node's value has on the example
+  inputs, so only tensor-producing ops are wrapped and rank-dependent modules
+  (``nn.BatchNorm2d`` vs ``1d``) can be chosen;
+* :func:`mark_training_dependence`: which ``training=`` arguments follow ``self.training``,
+  found by tracing the model a second time with every module's mode flipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .records import NOTE, Change
+from ._provenance import record_change
+
+__all__ = ["record_types", "mark_training_dependence", "preserved_state", "MODE_SENSITIVE"]
+
+#: Functionals whose ``training`` argument (by position) may come from ``self.training``.
+MODE_SENSITIVE: dict[Callable, tuple[str, int]] = {
+    F.dropout: ("training", 2), F.dropout1d: ("training", 2), F.dropout2d: ("training", 2),
+    F.dropout3d: ("training", 2), F.alpha_dropout: ("training", 2),
+    F.feature_alpha_dropout: ("training", 2), F.rrelu: ("training", 3), F.batch_norm: ("training", 5),
+    F.instance_norm: ("use_input_stats", 5),
+}
+
+
+@contextlib.contextmanager
+def preserved_state(*modules: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit, so
+    running a model to inspect or verify it leaves no trace on it."""
+    saved = []
+    for module in modules:
+        for buf in module.buffers():
+            saved.append((buf, buf.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def record_types(gm: torch.fx.GraphModule, inputs: tuple) -> None:
+    """Run ``gm`` once on ``inputs`` and store each node's value type in ``meta["type"]``
+    and, for tensors, ``meta["tensor_meta"]`` (``torch.fx.passes.shape_prop``)."""
+    with preserved_state(gm), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        ShapeProp(gm).propagate(*_clone(inputs))
+
+
+def _clone(value: Any) -> Any:
+    """Inputs are cloned before each run: a model may modify its inputs in place."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def has_mode_sensitive_calls(gm: torch.fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and _sensitive(n.target) for n in gm.graph.nodes)
+
+
+def _sensitive(target) -> bool:
+    try:
+        return target in MODE_SENSITIVE
+    except TypeError:
+        return False
+
+
+def _flag(node: torch.fx.Node) -> Any:
+    name, index = MODE_SENSITIVE[node.target]
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else "<default>"
+
+
+def _signature(gm: torch.fx.GraphModule) -> list:
+    return [(n.op, n.target if n.op != "get_attr" else "attr") for n in gm.graph.nodes]
+
+
+def mark_training_dependence(
+    gm: torch.fx.GraphModule, flipped: torch.fx.GraphModule, mode: str
+) -> list[Change]:
+    """Compare ``gm`` with ``flipped`` (traced with every module's mode flipped).
+
+    Sets ``meta["qprep"]["follows_training"]`` on each mode-sensitive call whose flag
+    differs between the two traces. When the graphs differ in structure (``forward``
+    branches on ``self.training``), returns a note: the prepared graph reproduces ``mode``.
+    """
+    if _signature(gm) != _signature(flipped):
+        first = next((n for n in gm.graph.nodes if n.op not in ("placeholder",)), None)
+        note = (f"forward branches on self.training: the graph was traced in {mode} mode and "
+                f"the prepared model reproduces {mode} mode only")
+        return [record_change(first, "trace", NOTE, "self.training", "self.training", reason=note)] if first else []
+    for node, twin in zip(gm.graph.nodes, flipped.graph.nodes):
+        if node.op == "call_function" and _sensitive(node.target):
+            if _flag(node) != _flag(twin):
+                node.meta.setdefault("qprep", {})["follows_training"] = True
+    return []

@@ -1,0 +1,72 @@
+"""The pass pipeline: a plain ordered list, and the runner.
+
+The runner logs each pass, lints the graph and recompiles after it, and wraps a failure
+as "pass X failed after [A, B]". Running the pipeline on its own output changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch.fx
+
+from .config import PrepareConfig
+from .errors import PassError, QprepError
+from .records import PassResult
+
+__all__ = ["PIPELINE", "Pass", "run_pipeline", "pass_name"]
+
+log = logging.getLogger("qprep")
+
+Pass = Callable[[torch.fx.GraphModule, PrepareConfig], PassResult]
+
+
+def _pipeline() -> tuple[Pass, ...]:
+    from qprep.passes.convert_functionals import convert_functionals
+    from qprep.passes.expand_rnns import expand_rnns
+    from qprep.passes.split_reused_modules import split_reused_modules
+    from qprep.passes.wrap_tensor_ops import wrap_tensor_ops
+
+    return (expand_rnns, convert_functionals, wrap_tensor_ops, split_reused_modules)
+
+
+#: The passes, in order: compound modules first (their new modules are single call sites),
+#: then functionals (so ``torch.relu`` becomes ``nn.ReLU`` rather than a wrapper), then the
+#: remaining tensor ops, and last the split of re-used modules.
+PIPELINE: tuple[Pass, ...] = _pipeline()
+
+
+def pass_name(p: Pass) -> str:
+    return getattr(p, "__name__", repr(p))
+
+
+def run_pipeline(
+    gm: torch.fx.GraphModule,
+    config: PrepareConfig,
+    passes: Sequence[Pass] = PIPELINE,
+    after_each: Callable[[str, torch.fx.GraphModule], None] | None = None,
+) -> list[PassResult]:
+    """Run ``passes`` in order on ``gm`` (mutated in place); return their results."""
+    results: list[PassResult] = []
+    done: list[str] = []
+    for p in passes:
+        name = pass_name(p)
+        try:
+            result = p(gm, config)
+            gm.graph.lint()
+            if result.changed:
+                gm.recompile()
+        except QprepError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (a bug in a pass: say which one)
+            raise PassError(
+                f"pass {name} failed after [{', '.join(done)}]: {type(exc).__name__}: {exc}",
+                pass_name=name, completed=tuple(done),
+            ) from exc
+        log.info("qprep: %s: %d rewritten, %d left alone", name, len(result.rewritten), len(result.skipped))
+        results.append(result)
+        done.append(name)
+        if after_each is not None:
+            after_each(name, gm)
+    return results

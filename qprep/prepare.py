@@ -1,0 +1,255 @@
+"""``qprep.prepare``: trace, analyse, run the pipeline, verify."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .analysis import has_mode_sensitive_calls, mark_training_dependence, record_types
+from .config import PrepareConfig
+from .errors import InputError, NotEquivalentError, QprepError, TraceError
+from .pipeline import PIPELINE, pass_name, run_pipeline
+from .records import Change, PassResult
+from .tracer import TraceNote, trace
+from .verify import VerifyResult, compare, verify
+
+__all__ = ["prepare", "Preparation", "replay_passes", "snapshot"]
+
+
+@dataclasses.dataclass
+class Preparation:
+    """Everything a report needs about one :func:`prepare` run; stored on the prepared
+    module as ``gm.meta["qprep"]["preparation"]``."""
+
+    config: PrepareConfig
+    passes: tuple[str, ...]
+    changes: tuple[Change, ...]
+    trace_notes: tuple[TraceNote, ...]
+    before: dict  # snapshot() of the traced graph before the passes
+    specialised: dict = dataclasses.field(default_factory=dict)  # argument -> value fixed at trace time
+    verification: VerifyResult | None = None
+    changed: dict = dataclasses.field(default_factory=dict)  # pass -> bool
+
+
+def snapshot(gm: torch.fx.GraphModule) -> dict:
+    """A plain-data picture of a graph for reports: its code and its nodes."""
+    from ._provenance import module_scope, source_location
+    from .graph_utils import target_text
+
+    nodes = []
+    for node in gm.graph.nodes:
+        module_type = ""
+        if node.op == "call_module":
+            module_type = type(gm.get_submodule(node.target)).__name__
+        nodes.append({
+            "name": node.name, "op": node.op, "target": target_text(node), "module_type": module_type,
+            "args": [a.name for a in node.all_input_nodes], "location": source_location(node),
+            "scope": module_scope(node), "meta": dict(node.meta.get("qprep") or {}),
+        })
+    modules = sum(1 for _ in gm.modules())
+    params = sum(p.numel() for p in gm.parameters())
+    return {"code": gm.code, "nodes": nodes, "modules": modules, "parameters": params}
+
+
+def _as_args(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise InputError(
+        f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}"
+    )
+
+
+def _defaults_after(model: nn.Module, given: int) -> dict[str, Any]:
+    """Forward parameters past the ``given`` positional ones that have defaults."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default for p in params[given:]
+        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _trace(model: nn.Module, config: PrepareConfig, args: tuple | None) -> tuple[torch.fx.GraphModule, list, dict]:
+    """Trace; if that fails and example inputs leave defaulted arguments out, trace again
+    with those arguments fixed to their defaults (``mask=None``) and say so."""
+    try:
+        gm, notes = trace(model, config)
+        return gm, notes, {}
+    except TraceError as first:
+        fixed = _defaults_after(model, len(args)) if args is not None and config.concrete_args is None else {}
+        if not fixed:
+            raise
+        try:
+            gm, notes = trace(model, dataclasses.replace(config, concrete_args=fixed))
+        except TraceError:
+            raise first from None
+        return gm, notes, fixed
+
+
+def _flip_modes(model: nn.Module) -> dict:
+    modes = {m: m.training for m in model.modules()}
+    for m in modes:
+        m.training = not modes[m]
+    return modes
+
+
+def _analyse(model: nn.Module, gm: torch.fx.GraphModule, config: PrepareConfig, args: tuple | None) -> list[Change]:
+    notes: list[Change] = []
+    if has_mode_sensitive_calls(gm):
+        modes = _flip_modes(model)
+        try:
+            flipped, _ = trace(model, config)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        notes += mark_training_dependence(gm, flipped, "train" if model.training else "eval")
+    if args is not None:
+        try:
+            record_types(gm, args)
+        except Exception as exc:  # noqa: BLE001  (bad example inputs or a graph that fails: tell which)
+            raise _input_error(model, args, exc) from exc
+    return notes
+
+
+def _input_error(model: nn.Module, args: tuple, exc: Exception) -> QprepError:
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model)(*args)
+    except Exception as original_exc:  # noqa: BLE001
+        return InputError(
+            f"example_inputs do not run through {type(model).__name__}: "
+            f"{type(original_exc).__name__}: {original_exc}"
+        )
+    return TraceError(
+        f"the traced graph of {type(model).__name__} fails on example_inputs although the model runs: "
+        f"{type(exc).__name__}: {exc}. Mark the module that computes differently under tracing as a leaf."
+    )
+
+
+def _working_copy(model: nn.Module, inplace: bool) -> nn.Module:
+    if inplace:
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(
+            f"cannot copy {type(model).__name__} ({type(exc).__name__}: {exc}); "
+            "pass inplace=True to prepare it without a copy"
+        ) from exc
+
+
+def _config(config: PrepareConfig | None, options: dict) -> PrepareConfig:
+    if config is not None and options:
+        return dataclasses.replace(config, **options)
+    if config is not None:
+        if not isinstance(config, PrepareConfig):
+            raise InputError(f"config must be a qprep.PrepareConfig, got {type(config).__name__}")
+        return config
+    try:
+        return PrepareConfig(**options)
+    except TypeError as exc:
+        raise InputError(f"unknown prepare() option: {exc}") from exc
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    config: PrepareConfig | None = None,
+    inplace: bool = False,
+    check: bool = True,
+    report: str | None = None,
+    **options: Any,
+) -> torch.fx.GraphModule:
+    """Make ``model`` ready for module-level quantization, bit for bit.
+
+    Returns a ``torch.fx.GraphModule`` that computes exactly what ``model`` computes and in
+    which every compute op is a ``call_module`` of a module no other node calls.
+
+    Args:
+        model: the ``nn.Module`` to prepare. It is not modified (unless ``inplace``).
+        example_inputs: a tensor or a tuple of positional arguments. With them, qprep learns
+            which values are tensors (shape arithmetic stays plain Python) and input ranks,
+            and verifies the result bitwise (``check``).
+        config: a :class:`PrepareConfig`; or pass its fields as keyword ``options``
+            (``leaf_modules=[...]``, ``concrete_args={...}``, ``strict=True``, ...).
+        inplace: ``False`` (default) prepares a deep copy: the result shares nothing with
+            ``model``. ``True`` skips the copy (saving one full copy of the weights and the
+            time to make it): the result then holds ``model``'s own submodules, Parameters
+            and buffers, so training one trains the other; ``model``'s own attributes and
+            ``forward`` are still not changed.
+        check: with ``example_inputs``, verify the result with :func:`qprep.verify` and
+            raise :class:`~qprep.errors.NotEquivalentError` instead of returning a model
+            that differs.
+        report: a path (``.html``, ``.md``, ``.json``, ``.txt``) to write the diff report to.
+
+    Raises:
+        InputError: not a module, bad example inputs, unknown option.
+        TraceError: the model cannot be traced (names the module, the line and the fix).
+        PassError: a pass failed (names it and the passes before it).
+        NotEquivalentError: the result differs from ``model`` on ``example_inputs``.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"qprep.prepare() takes a torch.nn.Module, got {type(model).__name__}")
+    config = _config(config, options)
+    args = _as_args(example_inputs)
+    work = _working_copy(model, inplace)
+    gm, trace_notes, fixed = _trace(work, config, args)
+    notes = _analyse(work, gm, config, args)
+    before = snapshot(gm)
+    results = run_pipeline(gm, config)
+    gm.training = model.training
+    preparation = Preparation(
+        config=config,
+        passes=tuple(pass_name(p) for p in PIPELINE),
+        changes=tuple(notes) + tuple(c for r in results for c in r.changes),
+        trace_notes=tuple(trace_notes),
+        before=before,
+        specialised=fixed,
+        changed={pass_name(p): r.changed for p, r in zip(PIPELINE, results)},
+    )
+    gm.meta.setdefault("qprep", {})["preparation"] = preparation
+    if check and args is not None:
+        preparation.verification = verify(model, gm, args)
+        if not preparation.verification.equal:
+            raise NotEquivalentError(
+                "the prepared model is not bitwise equal to the original on example_inputs:\n"
+                + preparation.verification.table(),
+                result=preparation.verification,
+            )
+    if report:
+        from .report import diff
+
+        diff(model, gm).write(report)
+    return gm
+
+
+def replay_passes(original: nn.Module, config: PrepareConfig, args: tuple, seed: int = 0) -> str | None:
+    """Re-prepare a copy of ``original`` pass by pass; name the first step after which it
+    is no longer bitwise equal to ``original`` on ``args`` (``"trace"`` for the tracer)."""
+    work = copy.deepcopy(original)
+    gm, _, _ = _trace(work, config, args)
+    _analyse(work, gm, config, args)
+    broken: list[str] = []
+
+    def check(step: str, current: torch.fx.GraphModule) -> None:
+        if not broken and not verify(original, current, args, seed=seed, replay=False).equal:
+            broken.append(step)
+
+    check("trace", gm)
+    run_pipeline(gm, config, after_each=check)
+    return broken[0] if broken else None

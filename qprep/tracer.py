@@ -1,0 +1,277 @@
+"""qprep's symbolic tracer: torch.fx with source lines, module scopes, eager in-place
+semantics and clear errors.
+
+Differences from ``torch.fx.symbolic_trace``:
+
+* every node records the user's stack trace (``node.meta["stack_trace"]``) and module scope
+  (``node.meta["nn_module_stack"]``);
+* ``y += z`` on a traced tensor is recorded as ``operator.iadd`` (plain fx records
+  ``operator.add``, which breaks aliasing: a tensor bound to ``y`` before the ``+=`` would
+  see a different value than in eager mode);
+* ``torch.nn`` leaf modules and qprep's own modules are leaves; compound ``torch.nn``
+  modules whose ``forward`` is plain Python (``nn.TransformerEncoderLayer``) are traced
+  into when possible and kept opaque, with a note, when not;
+* a failure inside user code raises :class:`~qprep.errors.TraceError` naming the module,
+  the source line and the fix; with ``on_untraceable="leaf"`` the failing submodule is
+  kept as an opaque leaf instead and the rest is still traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ._compat import last_node
+from .config import PrepareConfig
+from .errors import InputError, TraceError
+
+__all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote"]
+
+_QPREP_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+# Frames never shown as a node's source: qprep's own and torch.fx's machinery.
+_SKIP_FRAMES = (_QPREP_DIR, os.path.join(_TORCH_DIR, "fx"))
+
+# torch.nn modules traced into (not leaves) when config.trace_compound_nn is on.
+COMPOUND_NN = (
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+# Containers: never leaves.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+_INPLACE_MAGIC = {
+    "iadd": operator.iadd, "isub": operator.isub, "imul": operator.imul,
+    "itruediv": operator.itruediv, "ifloordiv": operator.ifloordiv, "imod": operator.imod,
+    "ipow": operator.ipow, "imatmul": operator.imatmul, "iand": operator.iand,
+    "ior": operator.ior, "ixor": operator.ixor, "ilshift": operator.ilshift,
+    "irshift": operator.irshift,
+}
+
+
+# Tensor layout flags that torch.nn code branches on; qprep prepares dense strided tensors.
+_CONSTANT_ATTRS = {"is_nested": False, "is_sparse": False, "is_quantized": False, "is_mkldnn": False}
+
+
+class QprepProxy(torch.fx.Proxy):
+    """A Proxy that records augmented assignment as the in-place operator, and answers
+    the layout flags of :data:`_CONSTANT_ATTRS` (dense tensors) instead of tracing them."""
+
+    def __getattr__(self, k):
+        if k in _CONSTANT_ATTRS:
+            return _CONSTANT_ATTRS[k]
+        return super().__getattr__(k)
+
+
+def _make_inplace(op):
+    def impl(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    impl.__name__ = f"__{op.__name__}__"
+    return impl
+
+
+for _name, _op in _INPLACE_MAGIC.items():
+    setattr(QprepProxy, f"__{_name}__", _make_inplace(_op))
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceNote:
+    """A submodule the tracer kept opaque, and why."""
+
+    module: str
+    module_type: str
+    reason: str
+    location: str = ""
+
+
+def _user_frame(tb) -> traceback.FrameSummary | None:
+    """The innermost frame of the traceback that is user code (not torch, not qprep)."""
+    frames = traceback.extract_tb(tb)
+    for skip in ((_TORCH_DIR, _QPREP_DIR), _SKIP_FRAMES):
+        for frame in reversed(frames):
+            if not os.path.abspath(frame.filename).startswith(skip):
+                return frame
+    return frames[-1] if frames else None
+
+
+def _describe_failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "control flow" in text or "cannot be iterated" in text or "len' is not supported" in text:
+        return f"data-dependent Python control flow on a traced value ({text})"
+    return f"{type(exc).__name__}: {text}"
+
+
+class QprepTracer(torch.fx.Tracer):
+    """The tracer :func:`trace` uses; see the module docstring."""
+
+    record_stack_traces = True
+
+    def __init__(self, config: PrepareConfig | None = None):
+        super().__init__(param_shapes_constant=False)
+        self.config = config or PrepareConfig()
+        self.notes: list[TraceNote] = []
+        self._leaf_types = tuple(t for t in self.config.leaf_modules if isinstance(t, type))
+        self._leaf_names = frozenset(n for n in self.config.leaf_modules if isinstance(n, str))
+        self._opaque: set[str] = set()
+
+    # -- proxies and stack traces -------------------------------------------------------
+    def proxy(self, node: torch.fx.Node) -> QprepProxy:
+        return QprepProxy(node, self)
+
+    def _filter_traceback_frames(self, user_stack_summary):
+        frames = super()._filter_traceback_frames(user_stack_summary)
+        kept = [f for f in frames if not os.path.abspath(f.filename).startswith(_SKIP_FRAMES)]
+        return traceback.StackSummary.from_list(kept)
+
+    # -- leaves -------------------------------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or module_qualified_name in self._opaque:
+            return True
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if isinstance(m, _CONTAINERS):
+            return False
+        if type(m).__module__.startswith("qprep."):
+            return True
+        if self.config.trace_compound_nn and isinstance(m, COMPOUND_NN):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def _tries_into(self, m: nn.Module) -> bool:
+        """Compound torch.nn modules: traced into, kept opaque if that fails."""
+        return self.config.trace_compound_nn and isinstance(m, COMPOUND_NN)
+
+    # -- module calls -------------------------------------------------------------------
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        name = self.path_of_module(m)
+        if self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        mark = last_node(self.graph)
+        stack = dict(self.module_stack)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except TraceError as exc:
+            if exc.module and not self._can_leaf(m):
+                raise
+            failure: BaseException = exc
+        except Exception as exc:  # noqa: BLE001  (any failure in user code is reported below)
+            failure = exc
+        return self._fallback(m, name, forward, args, kwargs, mark, stack, failure)
+
+    def _can_leaf(self, m: nn.Module) -> bool:
+        return self.config.on_untraceable == "leaf" or self._tries_into(m)
+
+    def _fallback(self, m, name, forward, args, kwargs, mark, stack, failure):
+        """Roll the graph back to ``mark`` and call ``m`` as an opaque leaf, or raise."""
+        self.module_stack.clear()
+        self.module_stack.update(stack)
+        location = ""
+        if isinstance(failure, TraceError):
+            location, reason = failure.location, str(failure)
+        else:
+            frame = _user_frame(failure.__traceback__)
+            if frame is not None:
+                location = f"{os.path.relpath(frame.filename)}:{frame.lineno}"
+            reason = _describe_failure(failure)
+        if not self._can_leaf(m) or not self._rollback(mark):
+            if isinstance(failure, TraceError):
+                raise failure
+            raise _trace_error(name, m, location, reason, failure) from failure
+        self._opaque.add(name)
+        self.notes.append(TraceNote(name, type(m).__name__, reason, location))
+        return super().call_module(m, forward, args, kwargs)
+
+    def _rollback(self, mark: torch.fx.Node) -> bool:
+        """Erase the nodes created after ``mark``; False if one escaped (has outside users)."""
+        created = []
+        node = last_node(self.graph)
+        while node is not mark:
+            created.append(node)
+            node = node.prev
+        doomed = set(created)
+        if any(user not in doomed for n in created for user in n.users):
+            return False
+        for node in created:  # newest first: users before what they use
+            if node.op != "get_attr":  # get_attr proxies may be cached; DCE removes them
+                self.graph.erase_node(node)
+        return True
+
+
+def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseException) -> TraceError:
+    where = f"module '{name}' ({type(m).__name__})" if name else f"the model's forward ({type(m).__name__})"
+    at = f" at {location}" if location else ""
+    code = ""
+    frame = _user_frame(exc.__traceback__)
+    if frame is not None and frame.line:
+        code = f": `{frame.line.strip()}`"
+    leaf_hint = (
+        f"mark it as a leaf (PrepareConfig(leaf_modules=('{name}',)) or leaf_modules=[{type(m).__name__}]), "
+        if name else ""
+    )
+    message = (
+        f"cannot trace {where}{at}{code}: {reason}.\n"
+        f"Fix: {leaf_hint}pass concrete_args for the input the code branches on, "
+        f"or use on_untraceable='leaf' to keep untraceable submodules opaque."
+    )
+    return TraceError(message, module=name, module_type=type(m).__name__, location=location)
+
+
+def _module_aliases(root: nn.Module) -> dict[str, list[str]]:
+    """For modules registered under several names: first name -> the other names."""
+    first: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        if id(module) in first:
+            aliases.setdefault(first[id(module)], []).append(name)
+        else:
+            first[id(module)] = name
+    return aliases
+
+
+def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.fx.GraphModule, list[TraceNote]]:
+    """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
+
+    Returns the GraphModule and the notes on submodules kept opaque.
+    Raises :class:`~qprep.errors.TraceError` with the module, source line and fix.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
+    config = config or PrepareConfig()
+    tracer = QprepTracer(config)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        # Trace the math path of nn.MultiheadAttention / nn.Transformer* (the fused fast
+        # path is one opaque kernel); verification measures the difference to it.
+        torch.backends.mha.set_fastpath_enabled(False)
+        graph = tracer.trace(model, concrete_args=config.concrete_args)
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a failure in the root forward)
+        frame = _user_frame(exc.__traceback__)
+        location = f"{os.path.relpath(frame.filename)}:{frame.lineno}" if frame else ""
+        raise _trace_error("", model, location, _describe_failure(exc), exc) from exc
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.recompile()
+    aliases = _module_aliases(model)
+    if aliases:
+        gm.meta.setdefault("qprep", {})["module_aliases"] = aliases
+    return gm, tracer.notes
+
+
+def _is_impure(node: torch.fx.Node) -> bool:
+    """Only unused get_attr nodes left by a rollback are dead; every call is kept."""
+    return node.op != "get_attr"
