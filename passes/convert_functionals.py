@@ -127,6 +127,7 @@ def _build(gm, spec: Spec, node: torch.fx.Node) -> tuple:
     ctx = BuildContext(attrs=attrs, rank=_rank(bound[spec.inputs[0]]), follows_training=follows)
     module = spec.build(bound, ctx)
     aliases = {attr: bound[attr].target for attr in ctx.adopted}
+    aliases.update({attr: None for attr in ctx.private})
     return module, [bound[name] for name in spec.inputs], aliases
 
 

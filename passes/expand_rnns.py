@@ -65,7 +65,9 @@ def expand_rnns(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResult:
             modular_cls = table.get(type(module))
             if modular_cls is None:
                 continue
-            swapped[node.target] = (type_name(module), modular_cls.from_float(module))
+            modular = modular_cls.from_float(module)
+            modular.train(module.training)
+            swapped[node.target] = (type_name(module), modular)
             _replace_submodule(gm, node.target, swapped[node.target][1])
         original_type, modular = swapped[node.target]
         stamp(node, PASS_NAME, REWRITTEN, original_type)

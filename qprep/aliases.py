@@ -7,6 +7,10 @@ of a re-used module shares its original's weights, the ``nn.Linear`` made from a
 ``state_dict()`` omit them and ``load_state_dict()`` fill them from their canonical key, so
 a checkpoint of the original loads with ``strict=True`` into the prepared model and back,
 and the weights are never copied. Weight ties the *user* made are not aliases: their keys stay.
+
+A key mapped to ``None`` is *private* state qprep added (the step counter of an
+``nn.BatchNorm2d`` made from ``F.batch_norm``): hidden from ``state_dict()`` and, when a
+checkpoint lacks it, loaded from its current value.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def alias_names(module: nn.Module) -> dict[str, str]:
     return dict(getattr(module, _ATTR, {}))
 
 
-def hide_aliases(module: nn.Module, aliases: Mapping[str, str]) -> None:
+def hide_aliases(module: nn.Module, aliases: Mapping[str, str | None]) -> None:
     """Hide the ``alias -> canonical`` keys (relative to ``module``) from its state dict.
 
     Registers the two hooks once per module; later calls add to the mapping.
@@ -38,7 +42,7 @@ def hide_aliases(module: nn.Module, aliases: Mapping[str, str]) -> None:
         module.register_state_dict_post_hook(_drop_aliases)
         module.register_load_state_dict_pre_hook(_fill_aliases)
     for alias, canonical in aliases.items():
-        while canonical in existing:  # an alias of an alias: point at the root key
+        while canonical is not None and canonical in existing:  # an alias of an alias: point at the root key
             canonical = existing[canonical]
         if alias != canonical:
             existing[alias] = canonical
@@ -51,5 +55,10 @@ def _drop_aliases(module, state_dict, prefix, local_metadata):
 
 def _fill_aliases(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     for alias, canonical in getattr(module, _ATTR, {}).items():
-        if prefix + alias not in state_dict and prefix + canonical in state_dict:
+        if prefix + alias in state_dict:
+            continue
+        if canonical is None:
+            owner, _, name = alias.rpartition(".")
+            state_dict[prefix + alias] = getattr(module.get_submodule(owner), name)
+        elif prefix + canonical in state_dict:
             state_dict[prefix + alias] = state_dict[prefix + canonical]

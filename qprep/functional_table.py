@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._compat import boolean_dispatch_parts
+
 __all__ = ["Spec", "Unconvertible", "BuildContext", "FUNCTIONAL_SPECS", "METHOD_SPECS", "REQUIRED"]
 
 REQUIRED = object()
@@ -35,7 +37,8 @@ class BuildContext:
     attrs: dict[str, Any]  # parameter name -> the tensor object (or None) behind it
     rank: int | None
     follows_training: bool
-    adopted: dict[str, str] = dataclasses.field(default_factory=dict)  # module attr -> graph attr
+    adopted: dict[str, Any] = dataclasses.field(default_factory=dict)  # module attr -> get_attr node
+    private: list[str] = dataclasses.field(default_factory=list)  # module state qprep added
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,8 +237,9 @@ def _batch_norm(b, ctx):
             raise Unconvertible("batch statistics without running statistics only match with training=True fixed")
         num = ctx.attrs["weight"].shape[0] if affine and ctx.attrs.get("weight") is not None else 0
     m = cls(num, eps=b["eps"], momentum=b["momentum"], affine=affine, track_running_stats=stats, device="meta")
-    if stats:
-        m.register_buffer("num_batches_tracked", None)  # the functional call keeps no count
+    if stats:  # the functional call keeps no step count: a fresh counter, hidden from state_dict
+        m.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        ctx.private.append("num_batches_tracked")
     return _weights(m, ctx, b, "weight", "bias", "running_mean", "running_var")
 
 
@@ -345,10 +349,6 @@ _SHAPE = {
     F.upsample: Spec("Upsample", _p("input", "size", "scale_factor", "mode", "align_corners", size=None, scale_factor=None,
                                     mode="nearest", align_corners=None), ("input",),
                      _simple(nn.Upsample, "size", "scale_factor", "mode", "align_corners")),
-    F.upsample_nearest: Spec("UpsamplingNearest2d", _p("input", "size", "scale_factor", size=None, scale_factor=None),
-                             ("input",), _simple(nn.UpsamplingNearest2d, "size", "scale_factor")),
-    F.upsample_bilinear: Spec("UpsamplingBilinear2d", _p("input", "size", "scale_factor", size=None, scale_factor=None),
-                              ("input",), _simple(nn.UpsamplingBilinear2d, "size", "scale_factor")),
     F.pad: _pad(),
     F.pixel_shuffle: Spec("PixelShuffle", _p("input", "upscale_factor"), ("input",), _simple(nn.PixelShuffle, "upscale_factor")),
     F.pixel_unshuffle: Spec("PixelUnshuffle", _p("input", "downscale_factor"), ("input",), _simple(nn.PixelUnshuffle, "downscale_factor")),
@@ -399,8 +399,25 @@ _PARAMETRIC = {
     F.prelu: Spec("PReLU", _p("input", "weight"), ("input",), _prelu, ("weight",)),
 }
 
+def _dispatched(specs: dict) -> dict:
+    """``F.max_pool2d(x, 2, return_indices=True)`` is traced as the function the
+    ``boolean_dispatch`` picked; map both picks, with ``return_indices`` fixed."""
+    out = {}
+    for fn, spec in specs.items():
+        for pick, indices in zip(boolean_dispatch_parts(fn), (True, False)):
+            build = spec.build
+
+            def fixed(b, ctx, build=build, indices=indices):
+                return build({**b, "return_indices": indices}, ctx)
+
+            out[pick] = dataclasses.replace(spec, build=fixed)
+    return out
+
+
 #: callable -> Spec, for ``torch.nn.functional`` functions and their ``torch.*`` twins.
-FUNCTIONAL_SPECS: dict[Callable, Spec] = {**_ACTIVATIONS, **_POOLING, **_SHAPE, **_DROPOUT, **_PARAMETRIC}
+FUNCTIONAL_SPECS: dict[Callable, Spec] = {
+    **_ACTIVATIONS, **_POOLING, **_dispatched(_POOLING), **_SHAPE, **_DROPOUT, **_PARAMETRIC,
+}
 
 #: Tensor method name -> Spec (``x.relu()``, ``x.softmax(-1)``, ``x.flatten(1)``).
 METHOD_SPECS: dict[str, Spec] = {

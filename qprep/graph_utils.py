@@ -190,7 +190,9 @@ def replace_with_module(
     kwargs: dict | None = None,
 ) -> torch.fx.Node:
     """Register ``module`` as ``name``, call it where ``node`` was (with ``inputs``), move
-    every use of ``node`` to the call, carry ``node.meta`` over and erase ``node``."""
+    every use of ``node`` to the call, carry ``node.meta`` over and erase ``node``.
+    The module starts in the graph module's mode (a dropout follows ``gm.train()``)."""
+    module.train(gm.training)
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(name, tuple(inputs), kwargs or {})

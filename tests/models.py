@@ -1,0 +1,191 @@
+"""A small shared zoo of models for the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+
+class _Call1(_Call):
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _Call2(_Call):
+    def forward(self, x, y):
+        return self.fn(x, y)
+
+
+class _Call3(_Call):
+    def forward(self, x, y, z):
+        return self.fn(x, y, z)
+
+
+def CallModel(fn, arity: int = 1) -> nn.Module:  # noqa: N802  (reads as a class)
+    """A model whose forward calls ``fn`` on its ``arity`` inputs: one op under test."""
+    return {1: _Call1, 2: _Call2, 3: _Call3}[arity](fn)
+
+
+def positive(*shape, generator=None):
+    return torch.rand(*shape, generator=generator) + 0.5
+
+
+class DistillerBlock(nn.Module):
+    """The example of Distiller's "Preparing a Model for Quantization"."""
+
+    def __init__(self, in_ch=3, out_ch=3, kernel_size=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size, padding=1)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out += identity
+        out = self.relu(out)
+        out = torch.cat([identity, out], dim=1)
+        out = F.sigmoid(out)
+        return out
+
+
+class Aliasing(nn.Module):
+    """``ident = y; y += 1``: ident sees the update in eager mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        ident = y
+        y += 1
+        return torch.cat([ident, y])
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.conv(x)))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.fc(x)) + x
+
+
+class ReusedBlock(nn.Module):
+    """A non-leaf block called twice; one module registered under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.norm = nn.LayerNorm(8)
+        self.norm_again = self.norm
+
+    def forward(self, x):
+        x = self.block(x)
+        x = self.norm(x)
+        x = self.block(x)
+        return self.norm_again(x)
+
+
+class FunctionalNet(nn.Module):
+    """Parametric functionals with the model's own weights, dropout following the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.bias = nn.Parameter(torch.randn(6))
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+        self.beta = nn.Parameter(torch.randn(6))
+        self.register_buffer("mean", torch.randn(6))
+        self.register_buffer("var", torch.rand(6) + 0.5)
+        self.fc_w = nn.Parameter(torch.randn(10, 6))
+        self.fc_b = nn.Parameter(torch.randn(10))
+        self.ln_w = nn.Parameter(torch.rand(10))
+        self.ln_b = nn.Parameter(torch.randn(10))
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight, self.bias, stride=1, padding=1)
+        x = F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, self.training, 0.1, 1e-5)
+        x = F.relu(x, inplace=True)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = F.dropout(x, 0.3, training=self.training)
+        x = F.linear(x, self.fc_w, self.fc_b)
+        return F.layer_norm(x, (10,), self.ln_w, self.ln_b)
+
+
+class TinyResNet(nn.Module):
+    """A ResNet-style stack of residual blocks."""
+
+    def __init__(self, width=16, blocks=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(*[DistillerLike(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class DistillerLike(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class AttentionBlock(nn.Module):
+    """Transformer-like block with bare matmuls, softmax, masks and shape arithmetic."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        q = q.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / (d // self.heads) ** 0.5)
+        mask = torch.ones(t, t).tril() == 0
+        att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        return x + self.proj(y)
