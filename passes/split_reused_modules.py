@@ -29,6 +29,7 @@ import copy
 import torch.fx
 import torch.nn as nn
 
+from qprep._compat import rename_like_fx
 from qprep._provenance import record_change, stamp
 from qprep.aliases import hide_aliases
 from qprep.config import PrepareConfig
@@ -74,6 +75,7 @@ def split_reused_modules(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pas
                                          module_name=target, module_type=type_name(module), reason=note))
         spare = [n for n in registered.get(target, []) if not namer.exists(n)]
         for k, node in enumerate(nodes[1:], start=2):
+            own_name = bool(spare)  # a name the user registered the module under: its keys stay
             name = spare.pop(0) if spare else namer.name(*_split(target))
             namer.take(name)
             clone = clone_sharing_tensors(module)
@@ -81,7 +83,8 @@ def split_reused_modules(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pas
             node.target = name
             stamp(node, PASS_NAME, REWRITTEN, target)
             retarget_scope(node, name, clone, replace_last=True)
-            for key, _ in _state_items(clone):
+            rename_like_fx(node)
+            for key, _ in () if own_name else _state_items(clone):
                 aliases[f"{name}.{key}"] = f"{target}.{key}"
             changes.append(record_change(
                 node, PASS_NAME, REWRITTEN, f"self.{target} ({_ordinal(k)} call)", target,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-__all__ = ["last_node", "boolean_dispatch_parts", "is_graph_module_class"]
+__all__ = ["last_node", "boolean_dispatch_parts", "rename_like_fx"]
 
 
 def last_node(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -24,5 +24,11 @@ def boolean_dispatch_parts(fn) -> tuple:
     return tuple(cells[name].cell_contents for name in ("if_true", "if_false") if name in cells)
 
 
-def is_graph_module_class(cls: type) -> bool:
-    return issubclass(cls, torch.fx.GraphModule)
+def rename_like_fx(node: torch.fx.Node, *freed: str) -> None:
+    """Rename a ``call_module`` node as tracing would name it (``blocks_0_add`` for target
+    ``blocks.0.add``), so preparing a prepared model yields the same code. ``freed``:
+    names of erased nodes that may be reused."""
+    graph = node.graph
+    for name in (node.name, *freed):
+        graph._graph_namespace._used_names.discard(name)  # noqa: SLF001
+    node._rename(graph._target_to_str(node.target))  # noqa: SLF001

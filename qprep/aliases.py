@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch.nn as nn
 
-__all__ = ["hide_aliases", "alias_names"]
+__all__ = ["hide_aliases", "alias_names", "restore_missing_state"]
 
 _ATTR = "_qprep_aliases"
 
@@ -62,3 +62,35 @@ def _fill_aliases(module, state_dict, prefix, local_metadata, strict, missing_ke
             state_dict[prefix + alias] = getattr(module.get_submodule(owner), name)
         elif prefix + canonical in state_dict:
             state_dict[prefix + alias] = state_dict[prefix + canonical]
+
+
+def restore_missing_state(original: nn.Module, prepared: nn.Module) -> list[str]:
+    """Attach to ``prepared`` whatever of ``original``'s state it lacks (a parameter no
+    ``forward`` uses, a module never called, a second name of a module), as the same
+    objects, so every ``state_dict()`` key of the original is a key of the prepared model.
+    Returns the attached names."""
+    have = set(prepared.state_dict(keep_vars=True))
+    attached = []
+    for key, value in original.state_dict(keep_vars=True).items():
+        if key in have:
+            continue
+        path = key.split(".")
+        target, source = prepared, original
+        for i, part in enumerate(path[:-1]):
+            child = source._modules.get(part) if isinstance(source, nn.Module) else None
+            if child is None:
+                break
+            if part not in target._modules:
+                setattr(target, part, child)  # the whole original submodule, same object
+                attached.append(".".join(path[: i + 1]))
+                break
+            target, source = target._modules[part], child
+        else:
+            name = path[-1]
+            if isinstance(value, nn.Parameter):
+                target.register_parameter(name, value)
+            else:
+                target.register_buffer(name, value, persistent=True)
+            attached.append(key)
+        have = set(prepared.state_dict(keep_vars=True)) if attached else have
+    return attached

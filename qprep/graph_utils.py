@@ -11,6 +11,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from ._compat import rename_like_fx
 from ._provenance import module_scope, stamp
 from .modules.base import Input
 
@@ -201,6 +202,7 @@ def replace_with_module(
     stamp(new, pass_name, "rewritten", node.name)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    rename_like_fx(new, node.name)
     return new
 
 

@@ -44,10 +44,12 @@ def pass_name(p: Pass) -> str:
 def run_pipeline(
     gm: torch.fx.GraphModule,
     config: PrepareConfig,
-    passes: Sequence[Pass] = PIPELINE,
+    passes: Sequence[Pass] | None = None,
     after_each: Callable[[str, torch.fx.GraphModule], None] | None = None,
 ) -> list[PassResult]:
-    """Run ``passes`` in order on ``gm`` (mutated in place); return their results."""
+    """Run ``passes`` (default: :data:`PIPELINE`) in order on ``gm`` (mutated in place);
+    return their results."""
+    passes = PIPELINE if passes is None else passes
     results: list[PassResult] = []
     done: list[str] = []
     for p in passes:

@@ -11,6 +11,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from .aliases import restore_missing_state
 from .analysis import has_mode_sensitive_calls, mark_training_dependence, record_types
 from .config import PrepareConfig
 from .errors import InputError, NotEquivalentError, QprepError, TraceError
@@ -84,13 +85,18 @@ def _defaults_after(model: nn.Module, given: int) -> dict[str, Any]:
 
 
 def _trace(model: nn.Module, config: PrepareConfig, args: tuple | None) -> tuple[torch.fx.GraphModule, list, dict]:
-    """Trace; if that fails and example inputs leave defaulted arguments out, trace again
-    with those arguments fixed to their defaults (``mask=None``) and say so."""
+    """Trace. Forward arguments that the example inputs leave out are fixed to their
+    defaults (``mask=None``): the prepared model is for calls like the example. Without
+    example inputs, they are fixed only if tracing fails otherwise. Either way it is said."""
+    fixed = {}
+    if config.concrete_args is None:
+        fixed = _defaults_after(model, len(args) if args is not None else 0)
+    if args is not None and fixed:
+        return (*trace(model, dataclasses.replace(config, concrete_args=fixed)), fixed)
     try:
         gm, notes = trace(model, config)
         return gm, notes, {}
     except TraceError as first:
-        fixed = _defaults_after(model, len(args)) if args is not None and config.concrete_args is None else {}
         if not fixed:
             raise
         try:
@@ -212,6 +218,7 @@ def prepare(
     notes = _analyse(work, gm, config, args)
     before = snapshot(gm)
     results = run_pipeline(gm, config)
+    restore_missing_state(work, gm)
     gm.training = model.training
     preparation = Preparation(
         config=config,

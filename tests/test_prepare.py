@@ -1,0 +1,251 @@
+"""qprep.prepare end to end on real models."""
+
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qprep
+from qprep import modules as qm
+from qprep.passes.convert_functionals import handles
+from qprep.passes.wrap_tensor_ops import FUNCTION_TABLE, METHOD_TABLE
+from tests.models import Aliasing, AttentionBlock, DistillerBlock, FunctionalNet, ReusedBlock, SharedConv, TinyResNet
+
+
+def compute_ops_outside_modules(gm):
+    """call_function/call_method nodes that compute (not data movement or shape arithmetic)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and (n.target in FUNCTION_TABLE or handles(n)):
+            out.append(n)
+        if n.op == "call_method" and (n.target in METHOD_TABLE or handles(n)):
+            out.append(n)
+    return [n for n in out if qprep.graph_utils.produces_tensor(n)]
+
+
+def call_sites(gm):
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    return targets
+
+
+def test_distiller_example():
+    model = DistillerBlock().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = qprep.prepare(model, (x,))
+    assert isinstance(gm, torch.fx.GraphModule)
+    mods = dict(gm.named_modules())
+    add = [m for m in mods.values() if isinstance(m, qm.Add)]
+    assert len(add) == 1 and add[0].inplace and add[0].call is operator.iadd
+    relus = [n for n, m in mods.items() if isinstance(m, nn.ReLU)]
+    assert relus == ["relu", "relu_1"] and mods["relu"] is not mods["relu_1"]
+    assert isinstance(mods["cat"], qm.Cat) and mods["cat"].kwargs == {"dim": 1}
+    assert isinstance(mods["sigmoid"], nn.Sigmoid)
+    assert not compute_ops_outside_modules(gm)
+    sites = call_sites(gm)
+    assert len(sites) == len(set(sites))  # one instance per call site
+    y = torch.randn(4, 3, 8, 8)
+    assert torch.equal(gm(y), model(y))
+
+
+def test_distiller_example_in_train_mode_updates_the_same_statistics():
+    model = DistillerBlock().train()
+    gm = qprep.prepare(model, (torch.randn(2, 3, 8, 8),))
+    x = torch.randn(4, 3, 8, 8)
+    out_a, out_b = model(x), gm(x)
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(model.bn1.running_mean, gm.bn1.running_mean)
+    assert torch.equal(model.bn2.num_batches_tracked, gm.bn2.num_batches_tracked)
+
+
+def test_aliasing_matches_eager():
+    model = Aliasing()
+    x = torch.randn(2, 4)
+    gm = qprep.prepare(model, (x,))
+    expected = model(x)
+    assert torch.equal(expected[:2], expected[2:])  # ident saw the += in eager mode
+    assert torch.equal(gm(x), expected)
+    plain = torch.fx.symbolic_trace(model)  # plain fx gets this wrong
+    assert not torch.equal(plain(x), expected)
+
+
+def test_reused_conv_shares_parameters_and_trains_identically():
+    model = SharedConv()
+    x = torch.randn(2, 3, 8, 8)
+    gm = qprep.prepare(model, (x,))
+    assert call_sites(gm) == ["conv", "conv_1", "bn"]
+    assert gm.conv is not gm.conv_1 and gm.conv.weight is gm.conv_1.weight
+    assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in model.parameters())
+    assert list(gm.state_dict()) == list(model.state_dict())
+    gm.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(gm.state_dict(), strict=True)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for opt, net in ((opt_a, model), (opt_b, gm)):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+    for (name, a), (_, b) in zip(model.state_dict().items(), gm.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_reused_block_and_module_registered_under_two_names():
+    model = ReusedBlock()
+    gm = qprep.prepare(model, (torch.randn(3, 8),))
+    # golden names: first site keeps the name, later ones _1; the alias name is used
+    assert call_sites(gm) == ["block.fc", "block.act", "block.add", "norm", "block.fc_1", "block.act_1", "block.add_1", "norm_again"]
+    assert gm.get_submodule("block.fc_1").weight is gm.get_submodule("block.fc").weight
+    assert gm.norm_again is not gm.norm and gm.norm_again.weight is gm.norm.weight
+    assert list(gm.state_dict()) == list(model.state_dict())
+    assert qprep.verify(model, gm, torch.randn(5, 8)).equal
+
+
+def test_original_model_is_untouched():
+    model = DistillerBlock().train()
+    before_state = copy.deepcopy(model.state_dict())
+    before_tree = [(n, type(m)) for n, m in model.named_modules()]
+    forward = model.forward
+    x = torch.randn(2, 3, 8, 8)
+    gm = qprep.prepare(model, (x,))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before_state[k]), k
+    assert [(n, type(m)) for n, m in model.named_modules()] == before_tree
+    assert model.forward == forward and model.training
+    assert not any(p is q for p in model.parameters() for q in gm.parameters())
+
+
+def test_inplace_true_shares_the_models_weights():
+    model = DistillerBlock().eval()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 8, 8),), inplace=True)
+    assert gm.conv1.weight is model.conv1.weight
+
+
+def test_prepare_is_idempotent():
+    model = TinyResNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    once = qprep.prepare(model, (x,))
+    twice = qprep.prepare(once, (x,))
+    assert twice.code == once.code
+    assert not any(twice.meta["qprep"]["preparation"].changed.values())
+    assert {n: type(m) for n, m in twice.named_modules() if n} == {n: type(m) for n, m in once.named_modules() if n}
+    assert set(twice.state_dict()) == set(once.state_dict()) == set(model.state_dict())
+    assert torch.equal(twice(x), model(x))
+
+
+def test_pipeline_twice_changes_nothing():
+    model = AttentionBlock().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 5, 16),))
+    results = qprep.pipeline.run_pipeline(gm, qprep.PrepareConfig())
+    assert not any(r.changed for r in results)
+
+
+def test_transformer_like_model():
+    model = AttentionBlock().eval()
+    x = torch.randn(2, 5, 16)
+    gm = qprep.prepare(model, (x,))
+    assert not compute_ops_outside_modules(gm)
+    assert any(isinstance(m, qm.MatMul) for m in gm.modules())
+    assert any(isinstance(m, qm.MaskedFill) for m in gm.modules())
+    assert any(isinstance(m, nn.Softmax) for m in gm.modules())
+    assert qprep.verify(model, gm, torch.randn(3, 7, 16)).equal
+
+
+def test_resnet_style_model_bit_exact_and_unique_call_sites():
+    model = TinyResNet().eval()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 16, 16),))
+    sites = call_sites(gm)
+    assert len(sites) == len(set(sites))
+    assert not compute_ops_outside_modules(gm)
+    assert qprep.verify(model, gm, torch.randn(2, 3, 12, 12)).equal
+    assert qprep.verify(model, gm, torch.randn(2, 3, 12, 12), train=True, grad=True).equal
+
+
+def test_gradients_match():
+    model = FunctionalNet().train()
+    gm = qprep.prepare(model, (torch.randn(2, 3, 6, 6),))
+    result = qprep.verify(model, gm, torch.randn(2, 3, 6, 6), grad=True)
+    assert result.equal and len(result.grads) == 1 + len(list(model.parameters()))
+
+
+def test_no_example_inputs_still_prepares():
+    model = DistillerBlock().eval()
+    gm = qprep.prepare(model)
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    assert gm.meta["qprep"]["preparation"].verification is None
+
+
+@pytest.mark.parametrize("bad", [None, 3, "model", nn.Linear])
+def test_not_a_module(bad):
+    with pytest.raises(qprep.InputError, match="torch.nn.Module"):
+        qprep.prepare(bad)
+
+
+def test_untraceable_forward_names_module_line_and_fix():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.branchy = Branchy()
+
+        def forward(self, x):
+            return self.branchy(self.fc(x))
+
+    with pytest.raises(qprep.TraceError) as info:
+        qprep.prepare(Outer(), (torch.randn(2, 3),))
+    message = str(info.value)
+    assert "'branchy' (Branchy)" in message and "test_prepare.py" in message
+    assert "if x.sum() > 0:" in message and "leaf_modules" in message
+    assert info.value.module == "branchy"
+    # the fix the message names works
+    gm = qprep.prepare(Outer(), (torch.randn(2, 3),), leaf_modules=("branchy",))
+    assert "branchy" in call_sites(gm)
+    gm = qprep.prepare(Outer(), (torch.randn(2, 3),), on_untraceable="leaf")
+    notes = gm.meta["qprep"]["preparation"].trace_notes
+    assert notes[0].module == "branchy" and "control flow" in notes[0].reason
+
+
+@pytest.mark.parametrize("inputs,match", [
+    ((torch.randn(2, 5),), "do not run"),
+    ("not a tensor", "example_inputs must be"),
+])
+def test_wrong_example_inputs(inputs, match):
+    with pytest.raises(qprep.InputError, match=match):
+        qprep.prepare(DistillerBlock(), inputs)
+
+
+def test_unknown_option():
+    with pytest.raises(qprep.InputError, match="unknown prepare"):
+        qprep.prepare(DistillerBlock(), bogus=True)
+
+
+def test_defaulted_argument_is_specialised_when_needed():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None):
+            if mask is not None:
+                x = x.masked_fill(mask, 0.0)
+            return self.fc(x) * 2
+
+    model = Masked()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert qprep.verify(model, gm, torch.randn(3, 4)).equal
+
+
+def test_first_bad_pass_is_named(monkeypatch):
+    model = DistillerBlock().eval()
+    monkeypatch.setattr(qm.Add, "forward", lambda self, x, y: x - y)
+    with pytest.raises(qprep.NotEquivalentError) as info:
+        qprep.prepare(model, (torch.randn(1, 3, 8, 8),))
+    assert info.value.result.first_bad_pass == "wrap_tensor_ops"
+    assert "wrap_tensor_ops" in str(info.value)
