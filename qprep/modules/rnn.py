@@ -1,0 +1,634 @@
+"""Modular, bit-exact LSTM, GRU and RNN: every gate op is a named submodule.
+
+``nn.LSTM`` computes its gates inside one ATen (or oneDNN) call, so a module-level quantizer
+cannot see them. The modules here compute the same thing with every gate op a submodule,
+structured cell -> layer -> stack like ``torch.ao.nn.quantizable.LSTM``, but complete:
+
+* a **cell** holds the ops of one time step and is a drop-in for ``nn.LSTMCell``,
+  ``nn.GRUCell`` or ``nn.RNNCell`` (same call, unbatched 1-D input too). LSTM::
+
+      gates = gates_add(hidden_linear(h), input_linear(x))            # chunked into i, f, g, o
+      c' = cell_add(forget_product(forget_gate(f), c), input_product(input_gate(i), cell_candidate(g)))
+      h' = output_product(output_gate(o), cell_tanh(c'))             # then hidden_projection(h')
+
+  GRU (``i_*``/``h_*`` are the chunks of ``input_linear(x)``/``hidden_linear(h)``)::
+
+      r, z = reset_gate, update_gate of gates_add(h_rz, i_rz)         # split in two
+      n = candidate(candidate_add(i_n, reset_product(h_n, r)))
+      h' = hidden_add(update_product(hidden_sub(h, n), z), n)
+
+  RNN: ``h' = activation(gates_add(hidden_linear(h), input_linear(x)))``.
+* a **layer** (:class:`ModularRecurrentLayer`) runs one cell over time in one direction,
+  padded or packed; the same cell modules are called at every step.
+* a **stack** (:class:`ModularLSTM`, :class:`ModularGRU`, :class:`ModularRNN`) holds the
+  ``num_layers x num_directions`` layers (``layers[layer * num_directions + direction]``),
+  the ``layer_dropout`` between layers and the time loop, with the torch module's call
+  signature, return structure, ``parameters()`` order and ``state_dict()`` keys.
+
+``from_float`` takes over the original Parameter objects (no copies) and ``to_float`` hands
+them to a new ``torch.nn`` module.
+
+Numerics. On CPU, outputs and gradients are bitwise equal (``torch.equal``) to ATen's
+native kernels, which ``nn.GRU``, ``nn.RNN`` and the cells always use, and ``nn.LSTM`` uses
+under ``torch.backends.mkldnn.flags(enabled=False)`` or with ``proj_size > 0``. The ops and
+their order mirror ``aten/src/ATen/native/RNN.cpp``: one ``input_linear`` call projects a
+whole sequence, each step adds ``hidden_linear(h)`` to its slice, and every sigmoid and tanh
+reads a tensor laid out as in ATen (their vectorized and scalar paths can differ in the
+last bit, so layout matters): the GRU adds its reset and update pre-activations in one
+call and splits them afterwards, as ATen's in-place adds on chunks leave them.
+
+``ModularLSTM`` is not bit-exact to ``nn.LSTM``'s default CPU kernel, oneDNN's fused LSTM.
+Largest absolute difference over outputs and final states (float32, inputs ~N(0, 1),
+torch 2.14.1, measured by ``benchmarks/bench_rnn.py``): 3.9e-7 over T in {5, 32},
+B in {1, 4}, (input, hidden) in {(16, 16), (32, 64), (128, 128)}, 1 layer or 2
+bidirectional; 4.2e-7 for T=32, B=8, I=H=128 and 5.4e-7 for T=64, B=16, I=H=256, 2 layers
+(in ``c_n``). The tests assert it stays under :data:`ONEDNN_LSTM_ATOL` = 1e-6.
+
+The layers call the gate ops' ``forward`` directly, skipping ``nn.Module.__call__``, while
+no hook, jit trace or patched ``__call__`` could tell (see :func:`_direct_calls`); with a
+hook on any gate op every call goes through ``__call__``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import ClassVar
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.modules.module as _module_internals
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from ..aliases import hide_aliases
+from .ops import Add, Mul, Sub
+
+__all__ = [
+    "ModularLSTMCell", "ModularGRUCell", "ModularRNNCell", "ModularRecurrentLayer",
+    "ModularLSTM", "ModularGRU", "ModularRNN", "ONEDNN_LSTM_ATOL",
+]
+
+#: bound on ``|ModularLSTM - nn.LSTM|`` against the default oneDNN kernel (float32, CPU).
+ONEDNN_LSTM_ATOL = 1e-6
+
+# Cell parameter name -> (submodule, attribute) that holds the same Parameter.
+_HOLDERS = {
+    "weight_ih": ("input_linear", "weight"),
+    "weight_hh": ("hidden_linear", "weight"),
+    "bias_ih": ("input_linear", "bias"),
+    "bias_hh": ("hidden_linear", "bias"),
+    "weight_hr": ("hidden_projection", "weight"),
+}
+
+
+# ----------------------------------------------------------------------------- cells
+@torch.fx.wrap
+def _cell_call_args(input: Tensor, hx, input_size: int, state_sizes: tuple, name: str):
+    """Checks an ``nn.*Cell`` call and adds the batch dim: ``(input, state tuple, batched)``."""
+    if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+        raise ValueError(f"{name}: expected input to be a 1-D or 2-D tensor, got {_describe(input)}")
+    if input.size(-1) != input_size:
+        raise ValueError(f"{name}: input.size(-1) must be input_size={input_size}, got {input.size(-1)}")
+    batched = input.dim() == 2
+    if not batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        state = tuple(input.new_zeros(input.size(0), size) for size in state_sizes)
+        return input, state, batched
+    state = tuple(hx) if len(state_sizes) > 1 and isinstance(hx, (tuple, list)) else (hx,)
+    if len(state) != len(state_sizes) or not all(isinstance(s, Tensor) for s in state):
+        kind = f"a tuple of {len(state_sizes)} tensors" if len(state_sizes) > 1 else "a tensor"
+        raise TypeError(f"{name}: expected hx to be {kind}, got {_describe(hx)}")
+    if not batched:
+        state = tuple(s.unsqueeze(0) if s.dim() == 1 else s for s in state)
+    for s, size in zip(state, state_sizes):
+        if tuple(s.shape) != (input.size(0), size):
+            raise ValueError(f"{name}: expected hidden state of size {(input.size(0), size)}, got {tuple(s.shape)}")
+    return input, state, batched
+
+
+@torch.fx.wrap
+def _cell_result(state: tuple, batched: bool, as_tuple: bool):
+    """The ``nn.*Cell`` return value: ``(h, c)`` or ``h``, unbatched like the input."""
+    if not batched:
+        state = tuple(s.squeeze(0) for s in state)
+    return state if as_tuple else state[0]
+
+
+def _describe(value) -> str:
+    return f"{value.dim()}-D tensor" if isinstance(value, Tensor) else type(value).__name__
+
+
+class _ModularCell(nn.Module):
+    """Parameters under ``nn.*Cell``'s names, shared with the gate ``Linear`` modules."""
+
+    _float_cls: ClassVar[type[nn.Module]]
+    _num_chunks: ClassVar[int]
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, proj_size: int = 0):
+        super().__init__()
+        self.input_size, self.hidden_size, self.bias, self.proj_size = input_size, hidden_size, bias, proj_size
+        gate_size, out_size = self._num_chunks * hidden_size, proj_size or hidden_size
+        self.input_linear = nn.Linear(input_size, gate_size, bias, device="meta")
+        self.hidden_linear = nn.Linear(out_size, gate_size, bias, device="meta")
+        self._build_ops()
+        shapes = {"weight_ih": (gate_size, input_size), "weight_hh": (gate_size, out_size)}
+        if bias:
+            shapes.update(bias_ih=(gate_size,), bias_hh=(gate_size,))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        if proj_size:
+            shapes["weight_hr"] = (proj_size, hidden_size)
+        self._set_params({n: nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for n, s in shapes.items()})
+        self.reset_parameters()
+
+    def _build_ops(self) -> None:
+        raise NotImplementedError
+
+    def _set_params(self, params: dict) -> None:
+        for name, param in params.items():
+            holder, attr = _HOLDERS[name]
+            setattr(getattr(self, holder), attr, param)
+            setattr(self, name, param)
+        hide_aliases(self, {".".join(_HOLDERS[name]): name for name in params})
+
+    def reset_parameters(self) -> None:
+        """``nn.RNNCellBase``'s init: uniform in +-1/sqrt(hidden_size), same RNG order."""
+        bound = self.hidden_size ** -0.5
+        for param in self.parameters():
+            nn.init.uniform_(param, -bound, bound)
+
+    @classmethod
+    def _from_params(cls, params: dict, **config):
+        weight_ih, bias_ih, bias_hh = params["weight_ih"], params.get("bias_ih"), params.get("bias_hh")
+        if (bias_ih is None) != (bias_hh is None):
+            raise ValueError(f"{cls.__name__}: give both bias_ih and bias_hh, or neither")
+        hidden_size, rem = divmod(weight_ih.size(0), cls._num_chunks)
+        if rem:
+            raise ValueError(f"{cls.__name__}: weight_ih has {weight_ih.size(0)} rows, not a multiple of {cls._num_chunks}")
+        weight_hr = params.get("weight_hr")
+        proj = {"proj_size": weight_hr.size(0)} if weight_hr is not None else {}
+        cell = cls(weight_ih.size(1), hidden_size, bias_ih is not None, device="meta", dtype=weight_ih.dtype, **proj, **config)
+        cell._set_params({n: p if isinstance(p, nn.Parameter) else nn.Parameter(p) for n, p in params.items() if p is not None})
+        return cell
+
+    @classmethod
+    def from_float(cls, module: nn.Module):
+        """The modular cell holding ``module``'s own Parameter objects."""
+        if type(module) is not cls._float_cls:
+            raise TypeError(f"{cls.__name__}.from_float expects an nn.{cls._float_cls.__name__}, got {type(module).__name__}")
+        _check_not_parametrized(module)
+        params = {n: getattr(module, n) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        return cls._from_params(params, **cls._float_config(module)).train(module.training)
+
+    @classmethod
+    def _float_config(cls, module: nn.Module) -> dict:
+        return {}
+
+    def to_float(self) -> nn.Module:
+        """The ``torch.nn`` cell holding this cell's Parameter objects."""
+        if self.proj_size:
+            raise ValueError(f"{type(self).__name__} with proj_size={self.proj_size} has no torch.nn cell equivalent")
+        module = self._float_cls(self.input_size, self.hidden_size, self.bias, device="meta", **self._float_config(self))
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            if getattr(self, name) is not None:
+                setattr(module, name, getattr(self, name))
+        return module.train(self.training)
+
+    def _state_sizes(self) -> tuple:
+        return (self.hidden_size,)
+
+    def forward(self, input: Tensor, hx=None):
+        input, state, batched = _cell_call_args(input, hx, self.input_size, self._state_sizes(), type(self).__name__)
+        state = self.step(self.input_linear(input), state)
+        return _cell_result(state, batched, len(self._state_sizes()) > 1)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s
+
+
+class ModularLSTMCell(_ModularCell):
+    """``nn.LSTMCell`` with every gate op a submodule; ``proj_size`` adds ``hidden_projection``.
+
+    ``forward(input, hx=None) -> (h', c')`` as ``nn.LSTMCell``; :meth:`step` is one time step
+    on an already projected input, as the stacks call it.
+    """
+
+    _float_cls = nn.LSTMCell
+    _num_chunks = 4
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *, proj_size: int = 0):
+        super().__init__(input_size, hidden_size, bias, device, dtype, proj_size)
+
+    def _build_ops(self) -> None:
+        self.gates_add = Add()
+        self.input_gate, self.forget_gate = nn.Sigmoid(), nn.Sigmoid()
+        self.cell_candidate, self.output_gate = nn.Tanh(), nn.Sigmoid()
+        self.forget_product, self.input_product = Mul(), Mul()
+        self.cell_add, self.cell_tanh, self.output_product = Add(), nn.Tanh(), Mul()
+        self.hidden_projection = nn.Linear(self.hidden_size, self.proj_size, bias=False, device="meta") if self.proj_size else None
+
+    @classmethod
+    def from_params(cls, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None) -> ModularLSTMCell:
+        """A cell whose Linear modules hold these Parameters (not copies)."""
+        return cls._from_params(dict(weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr))
+
+    def _state_sizes(self) -> tuple:
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+    def step(self, input_gates: Tensor, state: tuple, ops=None) -> tuple:
+        """``(h, c) -> (h', c')`` given ``input_linear(x)``, in ATen's op order.
+
+        ``ops`` holds the gate ops to call: the cell itself by default; the layers pass
+        :func:`_direct_calls` of it.
+        """
+        ops = self if ops is None else ops
+        h, c = state
+        gates = ops.gates_add(ops.hidden_linear(h), input_gates)
+        i, f, g, o = gates.chunk(4, 1)
+        i, f, g, o = ops.input_gate(i), ops.forget_gate(f), ops.cell_candidate(g), ops.output_gate(o)
+        c = ops.cell_add(ops.forget_product(f, c), ops.input_product(i, g))
+        h = ops.output_product(o, ops.cell_tanh(c))
+        if self.hidden_projection is not None:
+            h = ops.hidden_projection(h)
+        return h, c
+
+
+class ModularGRUCell(_ModularCell):
+    """``nn.GRUCell`` with every gate op a submodule. ``forward(input, hx=None) -> h'``."""
+
+    _float_cls = nn.GRUCell
+    _num_chunks = 3
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+
+    def _build_ops(self) -> None:
+        self.gates_add = Add()
+        self.reset_gate, self.update_gate = nn.Sigmoid(), nn.Sigmoid()
+        self.reset_product, self.candidate_add, self.candidate = Mul(), Add(), nn.Tanh()
+        self.hidden_sub, self.update_product, self.hidden_add = Sub(), Mul(), Add()
+
+    @classmethod
+    def from_params(cls, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> ModularGRUCell:
+        """A cell whose Linear modules hold these Parameters (not copies)."""
+        return cls._from_params(dict(weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh))
+
+    def step(self, input_gates: Tensor, state: tuple, ops=None) -> tuple:
+        """``(h,) -> (h',)`` given ``input_linear(x)``, in ATen's op order and layouts.
+
+        ``ops`` as in :meth:`ModularLSTMCell.step`.
+        """
+        ops = self if ops is None else ops
+        (h,) = state
+        sizes = [2 * self.hidden_size, self.hidden_size]
+        i_rz, i_n = input_gates.split(sizes, 1)
+        h_rz, h_n = ops.hidden_linear(h).split(sizes, 1)
+        r, z = ops.gates_add(h_rz, i_rz).chunk(2, 1)
+        r, z = ops.reset_gate(r), ops.update_gate(z)
+        n = ops.candidate(ops.candidate_add(i_n, ops.reset_product(h_n, r)))
+        return (ops.hidden_add(ops.update_product(ops.hidden_sub(h, n), z), n),)
+
+
+class ModularRNNCell(_ModularCell):
+    """``nn.RNNCell`` (tanh or relu) with every op a submodule. ``forward(input, hx=None) -> h'``."""
+
+    _float_cls = nn.RNNCell
+    _num_chunks = 1
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh", device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity {nonlinearity!r}; select from 'tanh' or 'relu'")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+
+    def _build_ops(self) -> None:
+        self.gates_add = Add()
+        self.activation = nn.Tanh() if self.nonlinearity == "tanh" else nn.ReLU()
+
+    @classmethod
+    def from_params(cls, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity: str = "tanh") -> ModularRNNCell:
+        """A cell whose Linear modules hold these Parameters (not copies)."""
+        return cls._from_params(dict(weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh), nonlinearity=nonlinearity)
+
+    @classmethod
+    def _float_config(cls, module: nn.Module) -> dict:
+        return {"nonlinearity": module.nonlinearity}
+
+    def step(self, input_gates: Tensor, state: tuple, ops=None) -> tuple:
+        """``(h,) -> (h',)`` given ``input_linear(x)``; ``ops`` as in :meth:`ModularLSTMCell.step`."""
+        ops = self if ops is None else ops
+        return (ops.activation(ops.gates_add(ops.hidden_linear(state[0]), input_gates)),)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
+
+
+# ----------------------------------------------------------------------------- layer
+_MODULE_CALL = nn.Module.__call__
+
+
+def _unobserved(module: nn.Module) -> bool:
+    """Whether calling ``module.forward`` is indistinguishable from calling ``module``.
+
+    True when nothing hooks into ``nn.Module.__call__`` for it: no module or global hooks, no
+    compiled call, no jit trace, ``__call__`` not patched. Reads private torch state.
+    """
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        or module._compiled_call_impl is not None or type(module).__call__ is not _MODULE_CALL)
+
+
+def _direct_calls(cell: nn.Module):
+    """The cell's ops for one sequence: their bound ``forward`` methods where that is unobservable.
+
+    A step makes ~12 module calls; skipping ``nn.Module.__call__`` roughly halves the Python
+    overhead per step. Any hook, jit trace or patched ``__call__`` turns this off, so
+    observers and fake-quant hooks see every call.
+    """
+    if (torch._C._get_tracing_state() is not None or nn.Module.__call__ is not _MODULE_CALL
+            or _module_internals._global_forward_hooks or _module_internals._global_forward_pre_hooks
+            or _module_internals._global_backward_hooks or _module_internals._global_backward_pre_hooks):
+        return cell
+    children = dict(cell.named_children())
+    if not all(_unobserved(m) for m in children.values() if m is not None):
+        return cell
+    return SimpleNamespace(**{name: m.forward for name, m in children.items() if m is not None})
+
+
+class ModularRecurrentLayer(nn.Module):
+    """One direction of one layer: runs ``cell`` over a sequence, as ATen's CPU layers do.
+
+    ``forward(input, state, batch_sizes=None) -> (output, final state)``: ``input`` is a
+    time-major ``(T, B, I)`` tensor, or the data of a PackedSequence with its ``batch_sizes``
+    as a list of ints; ``state`` is the cell's state tuple (``(h, c)`` or ``(h,)``).
+    """
+
+    def __init__(self, cell: _ModularCell, reverse: bool = False):
+        super().__init__()
+        self.cell = cell
+        self.reverse = reverse
+
+    def forward(self, input: Tensor, state: tuple, batch_sizes: list[int] | None = None):
+        input_gates = self.cell.input_linear(input)
+        if batch_sizes is None:
+            return self._scan(input_gates.unbind(0), state)
+        if self.reverse:
+            return self._scan_packed_reversed(input_gates, state, batch_sizes)
+        return self._scan_packed(input_gates, state, batch_sizes)
+
+    def _scan(self, steps: tuple, state: tuple):
+        step, ops, outputs = self.cell.step, _direct_calls(self.cell), []
+        for input_gates in (reversed(steps) if self.reverse else steps):
+            state = step(input_gates, state, ops)
+            outputs.append(state[0])
+        if self.reverse:
+            outputs.reverse()
+        return torch.stack(outputs, 0), state
+
+    def _scan_packed(self, input_gates: Tensor, state: tuple, batch_sizes: list[int]):
+        """ATen's ``PackedLayer``: finished sequences drop out of the state as the batch shrinks."""
+        step, ops, outputs, finished = self.cell.step, _direct_calls(self.cell), [], []
+        offset, last = 0, batch_sizes[0]
+        for size in batch_sizes:
+            step_gates = input_gates.narrow(0, offset, size)
+            offset += size
+            if size < last:
+                finished.append(tuple(s.narrow(0, size, last - size) for s in state))
+                state = tuple(s.narrow(0, 0, size) for s in state)
+            last = size
+            state = step(step_gates, state, ops)
+            outputs.append(state[0])
+        finished.append(state)
+        finished.reverse()
+        return torch.cat(outputs, 0), tuple(torch.cat(parts, 0) for parts in zip(*finished))
+
+    def _scan_packed_reversed(self, input_gates: Tensor, initial: tuple, batch_sizes: list[int]):
+        """ATen's ``ReversedPackedLayer``: sequences join the state as the batch grows."""
+        step, ops, outputs = self.cell.step, _direct_calls(self.cell), []
+        offset, last = input_gates.size(0), batch_sizes[-1]
+        state = tuple(s.narrow(0, 0, last) for s in initial)
+        for size in reversed(batch_sizes):
+            if size > last:
+                joining = tuple(s.narrow(0, last, size - last) for s in initial)
+                state = tuple(torch.cat([s, j], 0) for s, j in zip(state, joining))
+            offset -= size
+            last = size
+            state = step(input_gates.narrow(0, offset, size), state, ops)
+            outputs.append(state[0])
+        outputs.reverse()
+        return torch.cat(outputs, 0), state
+
+    def extra_repr(self) -> str:
+        return "reverse=True" if self.reverse else ""
+
+
+# ----------------------------------------------------------------------------- stacks
+def _check_not_parametrized(module: nn.Module) -> None:
+    if nn.utils.parametrize.is_parametrized(module):
+        raise ValueError(f"{type(module).__name__} has parametrized weights; remove the parametrizations first")
+
+
+def _param_names(layer: int, reverse: bool, bias: bool, proj: bool) -> dict[str, str]:
+    """Cell parameter name -> the torch stack's name (``weight_ih`` -> ``weight_ih_l0_reverse``)."""
+    names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if bias else []) + (["weight_hr"] if proj else [])
+    suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+    return {name: name + suffix for name in names}
+
+
+class _ModularStack(nn.Module):
+    """Layers x directions of modular cells, with ``nn.RNNBase``'s call and parameter names."""
+
+    _float_cls: ClassVar[type[nn.RNNBase]]
+    _cell_cls: ClassVar[type[_ModularCell]]
+    _config_attrs: ClassVar[tuple[str, ...]] = (
+        "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+
+    def __init__(self, module: nn.RNNBase):
+        super().__init__()
+        for attr in self._config_attrs:
+            setattr(self, attr, getattr(module, attr))
+        directions = 2 if self.bidirectional else 1
+        layers, aliases = [], {}
+        for index in range(self.num_layers * directions):
+            layer, direction = divmod(index, directions)
+            names = _param_names(layer, direction == 1, self.bias, bool(getattr(self, "proj_size", 0)))
+            for cell_name, name in names.items():
+                self.register_parameter(name, getattr(module, name))
+                aliases[f"layers.{index}.cell.{cell_name}"] = name
+            cell = self._cell_cls._from_params({c: getattr(self, n) for c, n in names.items()}, **self._cell_config())
+            layers.append(ModularRecurrentLayer(cell, reverse=direction == 1))
+        self.layers = nn.ModuleList(layers)
+        self.layer_dropout = nn.Dropout(self.dropout)
+        hide_aliases(self, aliases)
+        self.train(module.training)
+
+    @classmethod
+    def from_float(cls, module: nn.RNNBase):
+        """The modular stack holding ``module``'s own Parameter objects."""
+        if type(module) is not cls._float_cls:
+            raise TypeError(f"{cls.__name__}.from_float expects an nn.{cls._float_cls.__name__}, got {type(module).__name__}")
+        _check_not_parametrized(module)
+        stack = cls.__new__(cls)
+        _ModularStack.__init__(stack, module)
+        return stack
+
+    def to_float(self) -> nn.RNNBase:
+        """The ``torch.nn`` module holding this stack's Parameter objects."""
+        module = self._float_cls(**{attr: getattr(self, attr) for attr in self._config_attrs}, device="meta")
+        for name, param in self.named_parameters(recurse=False):
+            setattr(module, name, param)
+        return module.train(self.training)
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for ``nn.LSTM`` (there is no cuDNN weight buffer here)."""
+
+    def _cell_config(self) -> dict:
+        return {}
+
+    # -- state conversion: the user's hx <-> a tuple of tensors (``(h, c)`` or ``(h,)``).
+    def _state_sizes(self) -> tuple:
+        return (self.hidden_size,)
+
+    def _user_state(self, hx) -> tuple | None:
+        if hx is None or isinstance(hx, Tensor):
+            return hx if hx is None else (hx,)
+        raise TypeError(f"{type(self).__name__}: expected hx to be a tensor or None, got {type(hx).__name__}")
+
+    def _user_result(self, state: tuple):
+        return state[0]
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
+        name = type(self).__name__
+        if not isinstance(input, Tensor) or input.dim() not in (2, 3):
+            raise ValueError(f"{name}: expected input to be a 2-D or 3-D tensor, got {_describe(input)}")
+        state, batched, batch_dim = self._user_state(hx), input.dim() == 3, 0 if self.batch_first else 1
+        if state is not None and any(s.dim() != input.dim() for s in state):
+            raise ValueError(f"{name}: for {input.dim()}-D input, hx should be {input.dim()}-D, got {[s.dim() for s in state]}-D")
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+            state = None if state is None else tuple(s.unsqueeze(1) for s in state)
+        if self.batch_first:
+            input = input.transpose(0, 1)
+        output, state = self._run(input, self._initial_state(state, input, input.size(1)), None)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not batched:
+            output, state = output.squeeze(batch_dim), tuple(s.squeeze(1) for s in state)
+        return output, self._user_result(state)
+
+    def _forward_packed(self, input: PackedSequence, hx):
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        state = self._user_state(hx)
+        if state is not None and sorted_indices is not None:
+            state = tuple(s.index_select(1, sorted_indices) for s in state)
+        state = self._initial_state(state, data, int(batch_sizes[0]), packed=True)
+        output, state = self._run(data, state, batch_sizes.tolist())
+        if unsorted_indices is not None:
+            state = tuple(s.index_select(1, unsorted_indices) for s in state)
+        return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self._user_result(state)
+
+    def _initial_state(self, state: tuple | None, input: Tensor, batch: int, packed: bool = False) -> tuple:
+        """Checks the input and the state (zeros when absent), as ``check_forward_args`` does."""
+        name, weight = type(self).__name__, self.weight_ih_l0
+        if input.dim() != (2 if packed else 3) or input.size(-1) != self.input_size:
+            raise ValueError(f"{name}: expected input of size (..., {self.input_size}), got {tuple(input.shape)}")
+        if input.dtype != weight.dtype:
+            raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype ({weight.dtype})")
+        expected = [(self.num_layers * (2 if self.bidirectional else 1), batch, size) for size in self._state_sizes()]
+        if state is None:
+            return tuple(input.new_zeros(shape) for shape in expected)
+        for index, (s, shape) in enumerate(zip(state, expected)):
+            if tuple(s.shape) != shape:
+                raise ValueError(f"{name}: expected hidden[{index}] of size {shape}, got {tuple(s.shape)}")
+        return state
+
+    def _run(self, input: Tensor, state: tuple, batch_sizes: list[int] | None):
+        """ATen's ``apply_layer_stack``: layers in order, directions concatenated, dropout between."""
+        states = list(zip(*(s.unbind(0) for s in state)))
+        directions, finals = 2 if self.bidirectional else 1, []
+        for layer in range(self.num_layers):
+            outputs = []
+            for index in range(layer * directions, (layer + 1) * directions):
+                output, final = self.layers[index](input, states[index], batch_sizes)
+                outputs.append(output)
+                finals.append(final)
+            input = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+            if layer < self.num_layers - 1:
+                input = self.layer_dropout(input)
+        return input, tuple(torch.stack(parts, 0) for parts in zip(*finals))
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        defaults = {"proj_size": 0, "num_layers": 1, "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False}
+        for attr, default in defaults.items():
+            if getattr(self, attr, default) != default:
+                s += f", {attr}={getattr(self, attr)}"
+        return s
+
+
+class ModularLSTM(_ModularStack):
+    """``nn.LSTM`` built from :class:`ModularLSTMCell`\\ s; same arguments, call and state dict.
+
+    ``forward(input, hx=None) -> (output, (h_n, c_n))``; ``input`` may be a PackedSequence.
+    """
+
+    _float_cls = nn.LSTM
+    _cell_cls = ModularLSTMCell
+    _config_attrs = _ModularStack._config_attrs + ("proj_size",)
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
+        super().__init__(nn.LSTM(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size, device, dtype))
+
+    def _state_sizes(self) -> tuple:
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+    def _user_state(self, hx) -> tuple | None:
+        if hx is None:
+            return None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(s, Tensor) for s in hx):
+            raise TypeError(f"ModularLSTM: expected hx to be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+        return tuple(hx)
+
+    def _user_result(self, state: tuple):
+        return state
+
+
+class ModularGRU(_ModularStack):
+    """``nn.GRU`` built from :class:`ModularGRUCell`\\ s. ``forward(input, hx=None) -> (output, h_n)``."""
+
+    _float_cls = nn.GRU
+    _cell_cls = ModularGRUCell
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
+        super().__init__(nn.GRU(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device=device, dtype=dtype))
+
+
+class ModularRNN(_ModularStack):
+    """``nn.RNN`` (tanh or relu) built from :class:`ModularRNNCell`\\ s. ``forward(input, hx=None) -> (output, h_n)``."""
+
+    _float_cls = nn.RNN
+    _cell_cls = ModularRNNCell
+    _config_attrs = _ModularStack._config_attrs + ("nonlinearity",)
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh", bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
+        super().__init__(nn.RNN(input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout, bidirectional,
+                                device=device, dtype=dtype))
+
+    def _cell_config(self) -> dict:
+        return {"nonlinearity": self.nonlinearity}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
