@@ -7,10 +7,11 @@ from .config import PrepareConfig
 from .errors import InputError, NotEquivalentError, PassError, QprepError, RewriteError, TraceError
 from .prepare import Preparation, prepare
 from .records import Change, PassResult
+from .report import Report, diff
 from .verify import VerifyResult, verify
 
 __all__ = [
-    "prepare", "verify", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
+    "prepare", "verify", "diff", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
     "QprepError", "InputError", "TraceError", "PassError", "RewriteError", "NotEquivalentError",
 ]
 

@@ -1,0 +1,553 @@
+"""The ``qprep`` command line (also ``python -m qprep``).
+
+Subcommands: ``prepare``, ``diff``, ``verify``, ``check`` and ``demo``; ``qprep -h`` and
+``qprep COMMAND -h`` show their options. Exit codes: see :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import io
+import json
+import os
+import pathlib
+import sys
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import InputError, QprepError, TraceError
+
+__all__ = ["main", "build_parser", "load_model", "EXIT_CODES"]
+
+#: Exit status -> meaning.
+EXIT_CODES = {
+    0: "equivalent (prepare, diff, verify, demo) / ready for module-level quantization (check)",
+    1: "not equivalent / not ready (check found ops a module-level quantizer would miss), or a pass failed",
+    2: "usage or model-loading error: bad arguments or model spec, import error, bad JSON, "
+       "inputs the model rejects, a model that cannot be traced",
+    3: "internal error in qprep (rerun with --debug for the traceback)",
+}
+
+_EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items()) + """
+
+MODEL is 'package.module:attr' or 'path/to/file.py:attr'; attr is an nn.Module class, an
+instance or a factory function (constructor/factory kwargs: --kwargs JSON). The model is
+built after torch.manual_seed(--seed), so separate runs build the same weights."""
+
+
+class UsageError(Exception):
+    """Bad command-line arguments or a model that cannot be loaded: exit 2."""
+
+
+# -- model and inputs --------------------------------------------------------------------------
+def _import_file(path: pathlib.Path):
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else f"qprep_model_{abs(hash(path))}"
+    folder = str(path.parent.resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the file's siblings import as they do when it runs as a script
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pickling (torch.save) finds classes defined in the file
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resolve(spec: str) -> Any:
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"model must be 'package.module:attr' or 'path/to/file.py:attr', got {spec!r}")
+    try:
+        if target.endswith(".py") or "/" in target or os.sep in target:
+            path = pathlib.Path(target)
+            if not path.is_file():
+                raise UsageError(f"no such file: {target}")
+            module = _import_file(path)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (any failure importing user code is a loading error)
+        raise UsageError(f"cannot import {target!r}: {type(exc).__name__}: {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{target!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_model(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """Build the model ``spec`` names: ``package.module:attr`` or ``path/file.py:attr``,
+    where ``attr`` is an ``nn.Module`` class, an instance or a factory function."""
+    kwargs = kwargs or {}
+    obj = _resolve(spec)
+    if isinstance(obj, nn.Module):
+        if kwargs:
+            raise UsageError(f"{spec} is a module instance: --kwargs cannot apply")
+        return obj
+    if not callable(obj):
+        raise UsageError(f"{spec} is a {type(obj).__name__}, not an nn.Module class, instance or factory")
+    try:
+        model = obj(**kwargs)
+    except Exception as exc:  # noqa: BLE001  (a constructor that fails is a loading error)
+        raise UsageError(f"cannot build {spec}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise UsageError(f"unknown dtype {name!r} (float32, float16, bfloat16, int64, int32, bool, ...)")
+    return value
+
+
+def _random(shape: list[int], dtype: torch.dtype, g: torch.Generator, int_range: tuple[int, int]) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype if dtype.is_complex else torch.float32).to(dtype)
+    return torch.randint(int_range[0], int_range[1], shape, generator=g, dtype=dtype)
+
+
+def _int_range(args) -> tuple[int, int] | None:
+    if not args.int_range:
+        return None
+    bounds = _ints(args.int_range, "--int-range")
+    if len(bounds) != 2 or bounds[0] >= bounds[1]:
+        raise UsageError(f"--int-range must be LOW,HIGH with LOW < HIGH, got {args.int_range!r}")
+    return bounds[0], bounds[1]
+
+
+def build_inputs(args, model: nn.Module) -> tuple | None:
+    """Example inputs from ``--inputs``, or ``--input-shape``/``--dtype``/``--int-range``
+    (seeded with ``--seed``), or the model's own ``example_inputs()``; ``None`` if none."""
+    if args.inputs and args.input_shape:
+        raise UsageError("give either --inputs or --input-shape, not both")
+    if args.inputs:
+        try:
+            loaded = torch.load(args.inputs, weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"cannot load inputs from {args.inputs}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(loaded, torch.Tensor):
+            return (loaded,)
+        if isinstance(loaded, (list, tuple)):
+            return tuple(loaded)
+        raise UsageError(f"{args.inputs} holds a {type(loaded).__name__}: save a tensor or a tuple of inputs")
+    if args.input_shape:
+        shapes = [_ints(s, "--input-shape") for s in args.input_shape]
+        dtypes = [_dtype(d) for d in (args.dtype or ["float32"])]
+        if len(dtypes) == 1:
+            dtypes *= len(shapes)
+        if len(dtypes) != len(shapes):
+            raise UsageError(f"{len(shapes)} --input-shape but {len(dtypes)} --dtype: give one, or one per input")
+        g = torch.Generator().manual_seed(args.seed)
+        int_range = _int_range(args) or (0, 2)
+        return tuple(_random(s, d, g, int_range) for s, d in zip(shapes, dtypes))
+    if args.dtype or args.int_range:
+        raise UsageError("--dtype and --int-range need --input-shape")
+    make = getattr(model, "example_inputs", None)
+    if callable(make):
+        torch.manual_seed(args.seed)
+        inputs = make()
+        return inputs if isinstance(inputs, tuple) else (inputs,)
+    return None
+
+
+def _need_inputs(inputs: tuple | None, command: str) -> tuple:
+    if inputs is None:
+        raise UsageError(f"qprep {command} needs example inputs: --input-shape SHAPE (and --dtype), or --inputs FILE")
+    return inputs
+
+
+def _leaves(names: list[str]) -> tuple:
+    leaves = []
+    for name in names or []:
+        if ":" in name:
+            obj = _resolve(name)
+            if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+                raise UsageError(f"--leaf {name}: not an nn.Module class")
+            leaves.append(obj)
+        else:
+            leaves.append(name)
+    return tuple(leaves)
+
+
+def _setup(args) -> tuple[nn.Module, tuple | None, dict]:
+    """Model (seeded, in eval mode unless --train), inputs, and prepare() options."""
+    try:
+        kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--kwargs is not valid JSON: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    torch.manual_seed(args.seed)
+    model = load_model(args.model, kwargs)
+    model.train(bool(getattr(args, "train", False)) and args.command != "verify")
+    inputs = build_inputs(args, model)
+    options = {"leaf_modules": _leaves(args.leaf), "on_untraceable": args.on_untraceable}
+    return model, inputs, options
+
+
+@contextlib.contextmanager
+def _stderr_kept_on_success() -> Iterator[None]:
+    """Hold back what is written to stderr (torch's ShapeProp prints a traceback before
+    qprep turns the failure into a clear InputError); let it through only on success."""
+    held, real = io.StringIO(), sys.stderr
+    sys.stderr = held
+    try:
+        yield
+    finally:
+        sys.stderr = real
+    real.write(held.getvalue())
+
+
+def _prepared(model: nn.Module, inputs: tuple | None, options: dict):
+    """``qprep.prepare`` without the bitwise check (callers verify and report)."""
+    from .prepare import prepare
+
+    with _stderr_kept_on_success():
+        return prepare(model, inputs, check=False, **options)
+
+
+def _prepare(model: nn.Module, inputs: tuple | None, options: dict):
+    """Prepare without raising on a difference; the verdict is stored in the record."""
+    from .verify import verify
+
+    gm = _prepared(model, inputs, options)
+    if inputs is not None:
+        gm.meta["qprep"]["preparation"].verification = verify(model, gm, inputs)
+    return gm
+
+
+def _equal(gm) -> bool:
+    v = gm.meta["qprep"]["preparation"].verification
+    return v is None or v.equal
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_prepare(args) -> int:
+    from .report import diff
+    from .verify import verify
+
+    model, inputs, options = _setup(args)
+    inputs = _need_inputs(inputs, "prepare")
+    gm = _prepare(model, inputs, options)
+    report = diff(model, gm)
+    out = pathlib.Path(args.output)
+    torch.save(gm, out)
+    reloaded = torch.load(out, weights_only=False)
+    reload_ok = verify(model, reloaded, inputs, replay=False).equal
+    print(report.text())
+    if args.report:
+        print(f"report written to {report.write(args.report)}")
+    print(f"prepared model saved to {out} (load it with torch.load(path, weights_only=False); "
+          f"the reloaded model computes the same: {'yes' if reload_ok else 'NO'})")
+    return 0 if _equal(gm) and reload_ok else 1
+
+
+def cmd_diff(args) -> int:
+    from .report import diff
+
+    model, inputs, options = _setup(args)
+    gm = _prepare(model, inputs, options)
+    report = diff(model, gm)
+    if args.output and not args.format:
+        report.write(args.output)
+    else:
+        render = {"text": report.text, "markdown": report.markdown, "json": report.json, "html": report.html}
+        text = render[args.format or "text"]()
+        if args.output:
+            pathlib.Path(args.output).write_text(text + "\n", encoding="utf-8")
+        else:
+            print(text)
+    return 0 if _equal(gm) else 1
+
+
+def cmd_verify(args) -> int:
+    from .testing import run_trials, trials_table
+
+    model, inputs, options = _setup(args)
+    inputs = _need_inputs(inputs, "verify")
+    if args.prepared:
+        try:
+            prepared = torch.load(args.prepared, weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"cannot load {args.prepared}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(prepared, nn.Module):
+            raise UsageError(f"{args.prepared} holds a {type(prepared).__name__}, not a module")
+    else:
+        prepared = _prepared(model, inputs, options)
+    show = args.trials > 1 or sys.stderr.isatty()
+
+    def progress(i: int, n: int, mode: str) -> None:
+        if show:
+            print(f"trial {i}/{n} ({mode})", file=sys.stderr, flush=True)
+
+    try:
+        runs = run_trials(model, prepared, inputs, trials=args.trials, train=args.train, grad=args.grad,
+                          seed=args.seed, int_range=_int_range(args), progress=progress)
+    except QprepError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a prepared model that cannot even run is not equivalent)
+        print(f"qprep: the models cannot be compared on these inputs: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    ok = all(r.equal for r in runs)
+    if args.json:
+        from .report import _jsonable
+
+        print(json.dumps(_jsonable({"schema": "qprep.verify/1", "equal": ok, "runs": [r.as_dict() for r in runs]}),
+                         indent=2, allow_nan=False))
+    else:
+        print(trials_table(runs))
+    return 0 if ok else 1
+
+
+_FIX = {
+    "wrap_tensor_ops": "tensor op {op} is not a module, so a module-level quantizer misses it; "
+                       "fix: call a {module_type} module instead",
+    "convert_functionals": "functional call {op} is not a module, so a module-level quantizer misses it; "
+                           "fix: use a {module_type} module instead",
+    "split_reused_modules": "{op}: the module is called at several sites, so their statistics collide; "
+                            "fix: give this call its own {module_type} instance",
+    "expand_rnns": "{op} computes its gates inside one fused kernel that a quantizer cannot see into; "
+                   "fix: replace it with {module_type} (from_float keeps the weights)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One thing ``qprep check`` found: where, what, and the fix."""
+
+    kind: str
+    location: str
+    code: str
+    op: str
+    message: str
+    suggested_module: str
+    suggested_name: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_KINDS = {"wrap_tensor_ops": "tensor op", "convert_functionals": "functional",
+          "split_reused_modules": "re-used module", "expand_rnns": "recurrent/attention module"}
+
+
+def findings_of(report) -> list[Finding]:
+    """The rewritten records of a preparation, as readiness findings."""
+    found = []
+    for c in report.rewrites:
+        template = _FIX.get(c.pass_name, "{op} needs a rewrite; fix: use {module_type}")
+        message = template.format(op=c.op, module_type=c.module_type)
+        if c.reason:
+            message += f" ({c.reason})"
+        found.append(Finding(_KINDS.get(c.pass_name, c.pass_name), c.location, c.code, c.op, message,
+                             c.module_type, c.module_name))
+    return found
+
+
+def _gh_escape(text: str, prop: bool = False) -> str:
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if prop else text
+
+
+def cmd_check(args) -> int:
+    from .report import Report, split_location
+
+    model, inputs, options = _setup(args)
+    gm = _prepared(model, inputs, options)  # traces a copy and runs the pipeline on it
+    report = Report.of(gm, type(model).__name__)
+    findings = findings_of(report)
+    notes = [c for c in report.notes if c.pass_name == "trace"]
+    if args.format == "json":
+        print(json.dumps({"schema": "qprep.check/1", "model": type(model).__name__, "ready": not findings,
+                          "findings": [f.as_dict() for f in findings],
+                          "notes": [c.as_dict() for c in notes]}, indent=2))
+    elif args.format == "github":
+        for f in findings:
+            path, line = split_location(f.location)
+            where = f"file={_gh_escape(path, True)},line={line}," if line is not None else ""
+            print(f"::warning {where}title={_gh_escape('qprep: ' + f.kind, True)}::{_gh_escape(f.message)}")
+        for c in notes:
+            path, line = split_location(c.location)
+            where = f"file={_gh_escape(path, True)},line={line}," if line is not None else ""
+            print(f"::notice {where}title=qprep: not checked::{_gh_escape(c.op + ': ' + c.reason)}")
+    else:
+        from tabulate import tabulate
+
+        title = f"qprep check: {type(model).__name__}: "
+        if findings:
+            print(title + f"NOT READY: {len(findings)} op(s) a module-level quantizer would miss")
+            rows = [(f.location or "?", f.code, f.kind, f.message) for f in findings]
+            print(tabulate(rows, headers=["location", "code", "kind", "finding and fix"], maxcolwidths=[None, 40, None, 70]))
+        else:
+            print(title + "READY: every compute op is a module called at one site")
+        for c in notes:
+            print(f"not checked: {c.op} at {c.location or '?'}: {c.reason}")
+        print("qprep.prepare(model, example_inputs) makes all of these changes for you, bit for bit.")
+    return 1 if findings else 0
+
+
+def cmd_demo(args) -> int:
+    from .examples import EXAMPLES
+    from .report import diff
+    from .testing import run_trials, trials_table
+
+    chosen = [e for e in EXAMPLES if not args.example or e.name in args.example]
+    unknown = set(args.example or ()) - {e.name for e in EXAMPLES}
+    if unknown:
+        raise UsageError(f"unknown example(s) {sorted(unknown)}; choose from {[e.name for e in EXAMPLES]}")
+    outdir = pathlib.Path(args.output_dir) if args.output_dir else None
+    if outdir:
+        outdir.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for example in chosen:
+        print(f"=== {example.name}: {example.description} ===\n")
+        try:
+            torch.manual_seed(args.seed)
+            model = example.build().eval()
+            inputs = model.example_inputs()
+            gm = _prepare(model, inputs, {})
+            report = diff(model, gm)
+            print(report.text())
+            print("\nverdict on more inputs, eval and train mode (dropout draws the same masks in both):")
+            runs = run_trials(model, gm, inputs, trials=2, train=True, seed=args.seed)
+            print(trials_table(runs))
+            if outdir:
+                print(f"report written to {report.write(outdir / f'{example.name}.html')}")
+            if not (_equal(gm) and all(r.equal for r in runs)):
+                status = 1
+        except (ImportError, QprepError) as exc:
+            print(f"example {example.name} could not run: {type(exc).__name__}: {_one_line(exc)}")
+            status = 1
+        print()
+    return status
+
+
+# -- parser and main ---------------------------------------------------------------------------
+def _model_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("model", metavar="MODEL", help="'package.module:attr' or 'path/to/file.py:attr'")
+    p.add_argument("--kwargs", metavar="JSON", help="constructor/factory keyword arguments, a JSON object")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="shape of one positional input, e.g. 1,3,224,224 (repeat for each input)")
+    p.add_argument("--dtype", action="append", metavar="DTYPE",
+                   help="float32 (default), int64, bool, ...: one for all inputs or one per --input-shape")
+    p.add_argument("--int-range", metavar="LOW,HIGH", help="range of random integer inputs, HIGH exclusive (default 0,2)")
+    p.add_argument("--inputs", metavar="FILE", help="example inputs: a tensor or tuple saved with torch.save")
+    p.add_argument("--leaf", action="append", metavar="NAME",
+                   help="keep a submodule opaque: a qualified name (encoder.block3) or a class (pkg.mod:Class)")
+    p.add_argument("--on-untraceable", choices=("raise", "leaf"), default="raise",
+                   help="'leaf' keeps untraceable submodules opaque instead of failing")
+    p.add_argument("--seed", type=int, default=0, help="seed for building the model and random inputs (default 0)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="qprep", description="Make PyTorch models ready for module-level "
+                                     "quantization, bit for bit.", epilog=_EPILOG, formatter_class=fmt)
+    parser.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    model = _model_parent()
+
+    p = sub.add_parser("prepare", parents=[model], help="prepare, verify and save a model", epilog=_EPILOG,
+                       formatter_class=fmt, description="Prepare MODEL, verify it bitwise on the inputs, save the "
+                       "GraphModule with torch.save and print the report.")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to torch.save the prepared model")
+    p.add_argument("--report", metavar="FILE", help="also write the report (.html, .md, .json or .txt)")
+    p.add_argument("--train", action="store_true", help="prepare the model in train mode (default: eval mode)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("diff", parents=[model], help="print or write the report only", epilog=_EPILOG,
+                       formatter_class=fmt, description="Prepare MODEL and print (or write) what changed.")
+    p.add_argument("--format", choices=("text", "markdown", "json", "html"),
+                   help="default: text, or the -o file's suffix")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of printing")
+    p.add_argument("--train", action="store_true", help="prepare the model in train mode (default: eval mode)")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("verify", parents=[model], help="compare original and prepared on seeded random inputs",
+                       epilog=_EPILOG, formatter_class=fmt, description="Run MODEL and its prepared version "
+                       "(from --prepared, or prepared now) on N seeded inputs and print a verdict table.")
+    p.add_argument("--prepared", metavar="FILE", help="a prepared model saved with torch.save (qprep prepare -o)")
+    p.add_argument("--trials", type=int, default=1, metavar="N", help="number of inputs (default 1)")
+    p.add_argument("--train", action="store_true", help="also compare in train mode, dropout masks matched")
+    p.add_argument("--grad", action="store_true", help="also compare gradients")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check", parents=[model], help="readiness lint for a model not yet prepared",
+                       epilog=_EPILOG, formatter_class=fmt, description="List every tensor op, functional call, "
+                       "re-used module and recurrent/attention module that a module-level quantizer would miss, "
+                       "with its source line and the fix.")
+    p.add_argument("--format", choices=("text", "github", "json"), default="text",
+                   help="github: ::warning annotations for GitHub Actions")
+    p.add_argument("--train", action="store_true", help="check the model in train mode (default: eval mode)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("demo", help="run the built-in examples (Distiller block, LSTM language model)",
+                       epilog=_EPILOG, formatter_class=fmt)
+    p.add_argument("--example", action="append", metavar="NAME", help="run only this example (distiller, lstm)")
+    p.add_argument("-o", "--output-dir", metavar="DIR", help="also write an HTML report per example into DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (see :data:`EXIT_CODES`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
+    try:
+        return args.func(args)
+    except (UsageError, InputError, TraceError) as exc:
+        if args.debug:
+            raise
+        print(f"qprep {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except QprepError as exc:
+        if args.debug:
+            raise
+        print(f"qprep {args.command}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as SIGPIPE would
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (no flush error at exit)
+        return 141
+    except Exception as exc:  # noqa: BLE001  (a bug: short message unless --debug)
+        if args.debug:
+            raise
+        print(f"qprep {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 3

@@ -1,0 +1,643 @@
+"""The diff report: what :func:`qprep.prepare` did to a model, rendered from ONE object.
+
+>>> report = qprep.report.diff(model, example_inputs=(x,))      # or diff(model, prepared)
+>>> print(report.text())                                          # terminal (tabulate)
+>>> report.write("report.html")                                   # .html / .md / .json / .txt
+
+A :class:`Report` is built from the :class:`~qprep.records.Change` records the passes
+returned (``Preparation.changes``), the tracer's notes, the snapshot of the traced graph
+before the passes (``Preparation.before``) and a snapshot of the prepared graph
+(:func:`qprep.prepare.snapshot`). Nothing is re-parsed from code. The renderings:
+:meth:`Report.text`, :meth:`Report.markdown`, :meth:`Report.html` (one self-contained file),
+:meth:`Report.json` / :meth:`Report.as_dict` and :meth:`Report.code_diff`.
+
+JSON schema ``qprep.report/1`` (the JSON Schema document is ``qprep/report_schema.json``,
+:func:`json_schema` loads it). Fields of the top-level object:
+
+``schema``
+    always ``"qprep.report/1"``; a change that removes or retypes a field bumps the number.
+``qprep_version``, ``model``
+    the qprep version, and the class name of the prepared model.
+``passes``
+    the pipeline's pass names, in the order they ran.
+``config``
+    the :class:`~qprep.config.PrepareConfig` fields (types written as qualified names,
+    other values as ``repr`` text where they are not JSON values).
+``rewrites``, ``left_alone``, ``notes``
+    lists of records, each with every :class:`~qprep.records.Change` field (``pass_name``,
+    ``action``, ``node``, ``op``, ``target``, ``location``, ``code``, ``module_name``,
+    ``module_type``, ``reason``, ``scope``) plus ``after_node``: the name of the node of the
+    prepared graph that calls the new module (rewrites; ``null`` otherwise), and
+    ``submodules``: ``[{"name", "type"}]`` inside the new module (a modular LSTM's layers,
+    cells and gates; ``[]`` otherwise). ``rewrites``
+    holds ``action == "rewritten"`` records in the order of the original graph;
+    ``left_alone`` the ``"skipped"`` records (data movement, shape arithmetic, unsupported
+    ops); ``notes`` the ``"note"`` records and the tracer's opaque leaves (``pass_name ==
+    "trace"``).
+``summary``
+    ``per_pass``: ``{pass: {"rewritten", "left_alone", "notes", "changed"}}``;
+    ``modules`` and ``parameters``: ``{"before", "after"}`` counts, ``parameters`` also
+    ``"unchanged"`` (must be ``true``: preparing never adds or copies weights);
+    ``specialised``: ``{argument: repr of the value fixed at trace time}``.
+``verification``
+    :meth:`qprep.VerifyResult.as_dict` or ``null`` when not verified; ``max_abs_diff``
+    values that are infinite (shape or structure mismatch) are written as ``null``.
+``graph``
+    ``{"before": snapshot, "after": snapshot}``; a snapshot is ``{"code", "modules",
+    "parameters", "nodes"}`` and each node ``{"name", "op", "target", "module_type",
+    "args", "location", "scope", "meta", "status"}``; ``status`` is ``"rewritten"``,
+    ``"left_alone"``, ``"new"`` (after side: calls a module a pass made or re-targeted) or
+    ``null``.
+``code_diff``
+    :meth:`Report.code_diff`, a unified diff of the generated ``forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import html
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import torch.fx
+import torch.nn as nn
+from tabulate import tabulate
+
+from .errors import InputError
+from .prepare import Preparation, prepare, snapshot
+from .records import NOTE, REWRITTEN, SKIPPED, Change
+
+__all__ = ["Report", "diff", "SCHEMA", "json_schema"]
+
+SCHEMA = "qprep.report/1"
+_FORMATS = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown",
+            ".json": "json", ".txt": "text", ".text": "text"}
+_CODE_WIDTH = 56
+
+
+def json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) that :meth:`Report.as_dict` follows."""
+    path = pathlib.Path(__file__).with_name("report_schema.json")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _preparation_of(module: Any) -> Preparation | None:
+    meta = getattr(module, "meta", None)
+    if not isinstance(meta, dict):
+        return None
+    found = (meta.get("qprep") or {}).get("preparation")
+    return found if isinstance(found, Preparation) else None
+
+
+def diff(original: nn.Module, prepared: nn.Module | None = None, example_inputs: Any = None,
+         **prepare_options: Any) -> Report:
+    """The report of how ``prepared`` was made from ``original``.
+
+    When ``prepared`` carries ``meta["qprep"]["preparation"]`` (it came from
+    :func:`qprep.prepare` in this process), that record is used. Otherwise (``None``, a
+    GraphModule qprep did not make, or one loaded with ``torch.load``, which drops ``meta``)
+    ``original`` is prepared with ``example_inputs`` and ``prepare_options``.
+    """
+    preparation = _preparation_of(prepared)
+    if preparation is None:
+        prepared = prepare(original, example_inputs, **prepare_options)
+        preparation = _preparation_of(prepared)
+    elif example_inputs is not None or prepare_options:
+        raise InputError("diff(): example_inputs and prepare options are used only when prepared is not given")
+    return Report.of(prepared, type(original).__name__)
+
+
+def _submodules(gm: nn.Module, preparation: Preparation) -> dict:
+    from .graph_utils import type_name
+
+    found = {}
+    for change in preparation.changes:
+        if change.action != REWRITTEN or not change.module_name:
+            continue
+        try:
+            module = gm.get_submodule(change.module_name)
+        except AttributeError:
+            continue
+        inner = [[name, type_name(m)] for name, m in module.named_modules() if name]
+        if inner:
+            found[change.module_name] = inner
+    return found
+
+
+def _trace_note_record(note) -> Change:
+    return Change(pass_name="trace", action=NOTE, node="", op=f"self.{note.module} ({note.module_type})",
+                  target=note.module_type, location=note.location, module_name=note.module,
+                  module_type=note.module_type, reason=f"kept as an opaque leaf: {note.reason}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def _short(text: str, width: int = _CODE_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def split_location(location: str) -> tuple[str, int | None]:
+    """``("path/file.py", 42)`` from ``"path/file.py:42"``; ``(location, None)`` otherwise."""
+    path, _, line = location.rpartition(":")
+    return (path, int(line)) if path and line.isdigit() else (location, None)
+
+
+def source_uri(location: str) -> str:
+    """``file:///abs/path/file.py#L42`` for a ``file.py:42`` location, or ``""``."""
+    path, line = split_location(location)
+    if not path or line is None:
+        return ""
+    return pathlib.Path(os.path.abspath(path)).as_uri() + f"#L{line}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """How a model was prepared: the records, and the graph before and after.
+
+    Args:
+        preparation: the :class:`~qprep.prepare.Preparation` stored on the prepared module.
+        after: :func:`qprep.prepare.snapshot` of the prepared module.
+        model: the model's class name, for titles.
+        submodules: for each new module that has submodules (a modular LSTM), their
+            ``[relative name, type]`` pairs; :meth:`of` fills it in.
+    """
+
+    preparation: Preparation
+    after: dict
+    model: str = ""
+    submodules: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, prepared: torch.fx.GraphModule, model: str = "") -> Report:
+        """The report of a module returned by :func:`qprep.prepare` in this process."""
+        preparation = _preparation_of(prepared)
+        if preparation is None:
+            raise InputError("this module carries no qprep preparation record: use qprep.report.diff(original, ...)")
+        return cls(preparation, snapshot(prepared), model or type(prepared).__name__, _submodules(prepared, preparation))
+
+    # -- the records ----------------------------------------------------------------
+    @property
+    def before(self) -> dict:
+        return self.preparation.before
+
+    def _order(self, change: Change) -> int:
+        index = {n["name"]: i for i, n in enumerate(self.before["nodes"])}
+        return index.get(change.node, len(index))
+
+    @property
+    def rewrites(self) -> tuple[Change, ...]:
+        """``rewritten`` records, in the order of the original graph."""
+        found = [c for c in self.preparation.changes if c.action == REWRITTEN]
+        return tuple(sorted(found, key=self._order))
+
+    @property
+    def left_alone(self) -> tuple[Change, ...]:
+        found = [c for c in self.preparation.changes if c.action == SKIPPED]
+        return tuple(sorted(found, key=self._order))
+
+    @property
+    def notes(self) -> tuple[Change, ...]:
+        """``note`` records and the tracer's opaque leaves (as records of pass ``trace``)."""
+        traced = tuple(_trace_note_record(n) for n in self.preparation.trace_notes)
+        return traced + tuple(c for c in self.preparation.changes if c.action == NOTE)
+
+    def after_node(self, change: Change) -> str | None:
+        """The node of the prepared graph that calls the module ``change`` made."""
+        if change.action != REWRITTEN or not change.module_name:
+            return None
+        nodes = [n for n in self.after["nodes"] if n["op"] == "call_module" and n["target"] == change.module_name]
+        return nodes[0]["name"] if nodes else None
+
+    def _status(self) -> tuple[dict, dict]:
+        before = {c.node: "left_alone" for c in self.left_alone}
+        before.update({c.node: "rewritten" for c in self.rewrites})
+        after = {}
+        for c in self.rewrites:
+            name = self.after_node(c)
+            if name:
+                after[name] = "new"
+        for n in self.after["nodes"]:
+            if n["name"] not in after and n["name"] in before and before[n["name"]] == "left_alone":
+                after[n["name"]] = "left_alone"
+        return before, after
+
+    @property
+    def parameters_unchanged(self) -> bool:
+        return self.before["parameters"] == self.after["parameters"]
+
+    @property
+    def verdict(self) -> str:
+        """``EQUIVALENT``, ``NOT EQUIVALENT`` or ``NOT VERIFIED``."""
+        v = self.preparation.verification
+        if v is None:
+            return "NOT VERIFIED"
+        return "EQUIVALENT" if v.equal else "NOT EQUIVALENT"
+
+    def _verdict_line(self, label: bool = True) -> str:
+        v = self.preparation.verification
+        if v is None:
+            return "verification: not run (no example inputs)" if label else "NOT VERIFIED (no example inputs)"
+        text = f"{self.verdict} ({v.mode} mode, {v.reference}; max abs diff {_fmt(v.max_abs_diff)})"
+        if label:
+            text = "verification: " + text
+        if v.kernel_diff is not None:
+            text += f"; default fused kernels differ by {_fmt(v.kernel_diff)} (bound {_fmt(v.kernel_bound)})"
+        if v.first_bad_pass:
+            text += f"; first pass that broke equality: {v.first_bad_pass}"
+        return text
+
+    def summary(self) -> dict:
+        per_pass = {}
+        for name in ("trace", *self.preparation.passes):
+            records = [c for c in self.rewrites + self.left_alone + self.notes if c.pass_name == name]
+            if name == "trace" and not records:
+                continue
+            per_pass[name] = {
+                "rewritten": sum(c.action == REWRITTEN for c in records),
+                "left_alone": sum(c.action == SKIPPED for c in records),
+                "notes": sum(c.action == NOTE for c in records),
+                "changed": bool(self.preparation.changed.get(name, False)),
+            }
+        return {
+            "per_pass": per_pass,
+            "modules": {"before": self.before["modules"], "after": self.after["modules"]},
+            "parameters": {"before": self.before["parameters"], "after": self.after["parameters"],
+                           "unchanged": self.parameters_unchanged},
+            "specialised": {k: repr(v) for k, v in self.preparation.specialised.items()},
+        }
+
+    # -- data -----------------------------------------------------------------------
+    def as_dict(self) -> dict:
+        """The report as plain data, schema ``qprep.report/1`` (see the module docstring)."""
+        from . import __version__
+
+        status_before, status_after = self._status()
+
+        def graph(snap: dict, status: dict) -> dict:
+            nodes = [{**n, "status": status.get(n["name"])} for n in snap["nodes"]]
+            return {"code": snap["code"], "modules": snap["modules"], "parameters": snap["parameters"], "nodes": nodes}
+
+        def records(changes) -> list:
+            return [{**c.as_dict(), "after_node": self.after_node(c),
+                     "submodules": [{"name": n, "type": t} for n, t in self.submodules.get(c.module_name, [])]
+                     if c.action == REWRITTEN else []} for c in changes]
+
+        config = {f.name: getattr(self.preparation.config, f.name) for f in dataclasses.fields(self.preparation.config)}
+        v = self.preparation.verification
+        return _jsonable({
+            "schema": SCHEMA,
+            "qprep_version": __version__,
+            "model": self.model,
+            "passes": list(self.preparation.passes),
+            "config": config,
+            "rewrites": records(self.rewrites),
+            "left_alone": records(self.left_alone),
+            "notes": records(self.notes),
+            "summary": self.summary(),
+            "verification": v.as_dict() if v is not None else None,
+            "graph": {"before": graph(self.before, status_before), "after": graph(self.after, status_after)},
+            "code_diff": self.code_diff(),
+        })
+
+    def json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent, allow_nan=False)
+
+    def code_diff(self, context: int = 3) -> str:
+        """A unified diff of the generated ``forward`` before and after the passes."""
+        before = self.before["code"].strip("\n").splitlines()
+        after = self.after["code"].strip("\n").splitlines()
+        lines = difflib.unified_diff(before, after, "before/forward", "after/forward", n=context, lineterm="")
+        return "\n".join(lines)
+
+    # -- text -----------------------------------------------------------------------
+    def _rows(self, fmt: str) -> dict[str, tuple[list, list]]:
+        """Headers and rows of the tables, shared by text, markdown and html."""
+        def code(c: Change) -> str:
+            return _short(c.code) if fmt == "text" else c.code
+
+        rewrites = [(code(c), c.op, c.location or "?", c.pass_name, c.module_name, c.module_type, c.reason)
+                    for c in self.rewrites]
+        skipped = [(code(c), c.op, c.location or "?", c.pass_name, c.reason) for c in self.left_alone]
+        notes = [(c.op, c.location or "?", c.pass_name, c.reason) for c in self.notes]
+        summary = self.summary()
+        passes = [(name, s["rewritten"], s["left_alone"], s["notes"], "yes" if s["changed"] else "no")
+                  for name, s in summary["per_pass"].items()]
+        p = summary["parameters"]
+        counts = [("modules", summary["modules"]["before"], summary["modules"]["after"], ""),
+                  ("parameters", p["before"], p["after"],
+                   "unchanged" if p["unchanged"] else "DIFFERENT: preparation must not change the weights")]
+        with_reason = any(r[-1] for r in rewrites)
+        rewrite_headers = ["code", "op", "location", "pass", "new module", "type"] + (["note"] if with_reason else [])
+        return {
+            "rewrites": (rewrite_headers, [r if with_reason else r[:-1] for r in rewrites]),
+            "left_alone": (["code", "op", "location", "pass", "why"], skipped),
+            "notes": (["about", "location", "from", "note"], notes),
+            "passes": (["pass", "rewritten", "left alone", "notes", "changed graph"], passes),
+            "counts": (["", "before", "after", ""], counts),
+        }
+
+    def _title(self) -> str:
+        return f"qprep report: {self.model}" if self.model else "qprep report"
+
+    def text(self) -> str:
+        """The report for a terminal."""
+        tables = self._rows("text")
+        out = [self._title(), ""]
+        for key, title in (("rewrites", "Rewritten"), ("left_alone", "Left alone"), ("notes", "Notes")):
+            headers, rows = tables[key]
+            out.append(f"{title} ({len(rows)})")
+            out.append(tabulate(rows, headers=headers) if rows else "  (none)")
+            out.append("")
+        out.append("Summary")
+        out.append(tabulate(tables["passes"][1], headers=tables["passes"][0]))
+        out.append("")
+        out.append(tabulate(tables["counts"][1], headers=tables["counts"][0]))
+        out.extend(f"specialised at trace time: {k}={v}" for k, v in self.summary()["specialised"].items())
+        out.append(self._verdict_line())
+        return "\n".join(out)
+
+    __str__ = text
+
+    def markdown(self) -> str:
+        """The report for a pull-request comment (GitHub-flavoured Markdown)."""
+        tables = self._rows("markdown")
+        badge = {"EQUIVALENT": "✅", "NOT EQUIVALENT": "❌"}.get(self.verdict, "⚪")
+        out = [f"## {self._title()}", "", f"{badge} {self._verdict_line(label=False).replace(self.verdict, f'**{self.verdict}**', 1)}", ""]
+        for key, title in (("rewrites", "Rewritten"), ("left_alone", "Left alone"), ("notes", "Notes")):
+            headers, rows = tables[key]
+            out.append(f"### {title} ({len(rows)})")
+            out.append("")
+            out.append(_md_table(headers, rows, code_cols={0, 1, 4} if key != "notes" else {0}) if rows else "_none_")
+            out.append("")
+        out += ["### Summary", "", _md_table(*tables["passes"]), "", _md_table(*tables["counts"]), ""]
+        out.extend(f"Specialised at trace time: `{k}={v}`" for k, v in self.summary()["specialised"].items())
+        out += ["<details><summary>Generated <code>forward</code>, before → after</summary>", "",
+                "```diff", self.code_diff(), "```", "", "</details>", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        """One self-contained HTML file (inline CSS and JS, no network access)."""
+        return _render_html(self)
+
+    def write(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write the report; the format follows the suffix: .html, .md, .json or .txt."""
+        path = pathlib.Path(path)
+        fmt = _FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise InputError(f"cannot tell the report format from {path.name!r}: use .html, .md, .json or .txt")
+        text = {"html": self.html, "markdown": self.markdown, "json": self.json, "text": self.text}[fmt]()
+        path.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+        return path
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.3g}"
+
+
+def _md_cell(value: Any, code: bool) -> str:
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return f"`{text}`" if code and text else text
+
+
+def _md_table(headers: list, rows: list, code_cols: set = frozenset()) -> str:
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_md_cell(v, i in code_cols) for i, v in enumerate(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- HTML ---------------------------------------------------------------------------------
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+header{background:#24292f;color:#fff;padding:14px 24px;display:flex;gap:18px;align-items:center;flex-wrap:wrap}
+header h1{font-size:20px;margin:0;font-weight:600}
+.badge{padding:3px 10px;border-radius:12px;font-weight:700;font-size:13px}
+.EQUIVALENT{background:#1a7f37;color:#fff}.NOT-EQUIVALENT{background:#cf222e;color:#fff}.NOT-VERIFIED{background:#8c959f;color:#fff}
+.stat{font-size:13px;color:#d0d7de}.stat b{color:#fff}
+main{padding:12px 24px 40px}
+section{background:#fff;border:1px solid #d0d7de;border-radius:6px;margin:14px 0;padding:10px 16px}
+h2{font-size:16px;margin:4px 0 10px}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{border-bottom:1px solid #eaeef2;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600}
+tr.pick{cursor:pointer}tr.pick:hover{background:#fff8c5}
+code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+.graphs{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.graphs h3{margin:2px 0 8px;font-size:14px}
+.scope{border:1px dashed #8c959f;border-radius:6px;padding:4px 6px 6px;margin:6px 0}
+.scope>.label{font-size:12px;color:#57606a;font-family:ui-monospace,monospace}
+.node{border:1px solid #d0d7de;border-left:4px solid #d0d7de;border-radius:4px;padding:3px 8px;margin:4px 0;background:#fff}
+.node .head{display:flex;gap:8px;align-items:baseline;flex-wrap:wrap}
+.node .name{font-weight:600;font-family:ui-monospace,monospace}
+.node .kind{font-size:11px;color:#57606a;margin-left:auto}
+.node .where,.node .why{font-size:12px;color:#57606a;overflow-wrap:anywhere}
+.node.rewritten{border-left-color:#bf3989;background:#ffeff7}
+.node.new{border-left-color:#1a7f37;background:#dafbe1}
+.node.left_alone{border-left-color:#9a6700;background:#fff8c5}
+.node.flash{outline:3px solid #0969da}
+.legend span{display:inline-block;padding:1px 8px;margin-right:8px;border-radius:3px;font-size:12px}
+a{color:#0969da;text-decoration:none}a:hover{text-decoration:underline}
+pre.diff{background:#f6f8fa;padding:8px;overflow:auto;font-size:12.5px;line-height:1.35}
+pre.diff .add{background:#dafbe1;display:block}pre.diff .del{background:#ffebe9;display:block}
+pre.diff .hunk{color:#8250df;display:block}pre.diff .ctx{display:block}
+.flag{color:#cf222e;font-weight:700}.ok{color:#1a7f37;font-weight:600}
+.muted{color:#57606a}
+ul.tree{margin:2px 0;padding-left:14px;list-style:none;font-size:11.5px;line-height:1.3}
+"""
+
+_JS = """
+function pair(id){return id?document.getElementById(id):null}
+function flash(ids){document.querySelectorAll('.flash').forEach(e=>e.classList.remove('flash'));
+ ids.forEach(function(id){var e=pair(id);if(e){e.classList.add('flash');e.scrollIntoView({block:'center'});}});}
+document.querySelectorAll('[data-pair]').forEach(function(el){
+ el.addEventListener('mouseenter',function(){var p=pair(el.dataset.pair);if(p)p.classList.add('flash');});
+ el.addEventListener('mouseleave',function(){var p=pair(el.dataset.pair);if(p)p.classList.remove('flash');});});
+document.querySelectorAll('tr.pick').forEach(function(tr){
+ tr.addEventListener('click',function(ev){if(ev.target.tagName==='A')return;flash([tr.dataset.before,tr.dataset.after]);});});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _loc_link(location: str) -> str:
+    if not location:
+        return '<span class="muted">?</span>'
+    uri = source_uri(location)
+    return f'<a class="mono" href="{_e(uri)}" title="{_e(location)}">{_e(location)}</a>' if uri else _e(location)
+
+
+def _node_id(side: str, name: str | None) -> str:
+    return f"{side}-{name}" if name else ""
+
+
+def _scope_parts(scope: str) -> list[str]:
+    parts = scope.split(".") if scope else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _call_text(n: dict) -> str:
+    """``= self.add(bn2, x)``: what the node computes, from which nodes."""
+    args = ", ".join(n["args"])
+    if n["op"] == "placeholder":
+        return "input"
+    if n["op"] == "output":
+        return f"return {args}"
+    if n["op"] == "get_attr":
+        return f"= self.{n['target']}"
+    if n["op"] == "call_module":
+        return f"= self.{n['target']}({args})"
+    return f"= {n['target']}({args})"
+
+
+def _html_graph(report: Report, snap: dict, side: str, status: dict, links: dict) -> str:
+    """Nodes as boxes, nested in dashed boxes by the module scope that made them."""
+    out, open_scopes = [], []
+    for n in snap["nodes"]:
+        want = _scope_parts(n["scope"])
+        while open_scopes and open_scopes != want[: len(open_scopes)]:
+            open_scopes.pop()
+            out.append("</div>")
+        for part in want[len(open_scopes):]:
+            open_scopes.append(part)
+            out.append(f'<div class="scope"><div class="label">{_e(part)}</div>')
+        state = status.get(n["name"]) or ""
+        change, partner = links.get(n["name"], (None, ""))
+        kind = n["op"] if n["op"] != "call_module" else f'{n["module_type"]}'
+        why = ""
+        if change is not None and state == "rewritten":
+            why = f'{_e(change.pass_name)} → <code>{_e(change.module_name)}</code> ({_e(change.module_type)})'
+        elif change is not None and state == "new":
+            why = f'new: {_e(change.module_type)}, by {_e(change.pass_name)}, from <code>{_e(change.op)}</code>'
+            inner = report.submodules.get(change.module_name, [])
+            if inner:
+                items = "".join(
+                    f'<li style="padding-left:{14 * name.count(".")}px"><code>{_e(name.rpartition(".")[2])}</code> '
+                    f'<span class="muted">{_e(kind.rpartition(".")[2])}</span></li>' for name, kind in inner)
+                why += f'<details{" open" if len(inner) <= 40 else ""}><summary>{len(inner)} submodules</summary><ul class="tree">{items}</ul></details>'
+        elif change is not None:
+            why = f'left alone by {_e(change.pass_name)}: {_e(change.reason)}'
+        attrs = f' data-pair="{_e(partner)}"' if partner else ""
+        title = f' title="{_e(change.code)}"' if change is not None and change.code else ""
+        out.append(
+            f'<div class="node {state}" id="{_e(_node_id(side, n["name"]))}" data-status="{state}"{attrs}{title}>'
+            f'<div class="head"><span class="name">{_e(n["name"])}</span><code>{_e(_call_text(n))}</code>'
+            f'<span class="kind">{_e(kind)}</span></div>'
+            + (f'<div class="where">{_loc_link(n["location"])}</div>' if n["location"] else "")
+            + (f'<div class="why">{why}</div>' if why else "") + "</div>"
+        )
+    out.extend("</div>" for _ in open_scopes)
+    return "\n".join(out)
+
+
+def _html_table(headers: list, rows: list, *, loc_col: int | None = None, code_cols: tuple = (),
+                row_attrs: list | None = None) -> str:
+    if not rows:
+        return '<p class="muted">none</p>'
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cells = []
+        for j, value in enumerate(row):
+            if j == loc_col:
+                cells.append(f"<td>{_loc_link(value if value != '?' else '')}</td>")
+            elif j in code_cols and value != "":
+                cells.append(f"<td><code>{_e(value)}</code></td>")
+            else:
+                cells.append(f"<td>{_e(value)}</td>")
+        attrs = row_attrs[i] if row_attrs else ""
+        body.append(f"<tr{attrs}>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _html_diff(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        cls = "add" if line.startswith("+") and not line.startswith("+++") else \
+              "del" if line.startswith("-") and not line.startswith("---") else \
+              "hunk" if line.startswith("@@") else ""
+        lines.append(f'<span class="{cls or "ctx"}">{_e(line) or " "}</span>')
+    return '<pre class="diff">' + "".join(lines) + "</pre>"
+
+
+def _render_html(report: Report) -> str:
+    tables = report._rows("html")  # noqa: SLF001  (same rows as the text report)
+    status_before, status_after = report._status()  # noqa: SLF001
+    links_before, links_after = {}, {}
+    for c in report.rewrites:
+        after = report.after_node(c)
+        links_before[c.node] = (c, _node_id("after", after))
+        if after:
+            links_after[after] = (c, _node_id("before", c.node))
+    for c in report.left_alone:
+        links_before.setdefault(c.node, (c, _node_id("after", c.node) if c.node in status_after else ""))
+        if c.node in status_after:
+            links_after.setdefault(c.node, (c, _node_id("before", c.node)))
+    rewrite_attrs = [f' class="pick" data-before="{_e(_node_id("before", c.node))}"'
+                     f' data-after="{_e(_node_id("after", report.after_node(c)))}"' for c in report.rewrites]
+    skipped_attrs = [f' class="pick" data-before="{_e(_node_id("before", c.node))}" data-after=""'
+                     for c in report.left_alone]
+    summary = report.summary()
+    p = summary["parameters"]
+    params = (f'<span class="ok">unchanged</span>' if p["unchanged"]
+              else '<span class="flag">DIFFERENT: preparation must not change the weights</span>')
+    v = report.preparation.verification
+    verify_html = f"<p>{_e(report._verdict_line())}</p>"  # noqa: SLF001
+    if v is not None:
+        rows = [(o.path, "yes" if o.equal else "NO", _fmt(o.max_abs_diff), "x".join(map(str, o.shape)), o.dtype, o.note)
+                for o in v.outputs + v.grads]
+        verify_html += _html_table(["output", "bitwise equal", "max abs diff", "shape", "dtype", "note"], rows)
+    verdict_cls = report.verdict.replace(" ", "-")
+    specialised = "".join(f"<p>Specialised at trace time: <code>{_e(k)}={_e(val)}</code></p>"
+                          for k, val in summary["specialised"].items())
+    sections = [
+        f'<section id="rewrites"><h2>Rewritten ({len(tables["rewrites"][1])})</h2>'
+        f'<p class="muted">Click a row to show its nodes in the graphs below.</p>'
+        + _html_table(*tables["rewrites"], loc_col=2, code_cols=(0, 1, 4), row_attrs=rewrite_attrs) + "</section>",
+        f'<section id="graphs"><h2>Graph</h2><p class="legend">'
+        f'<span class="node rewritten">rewritten</span><span class="node new">new module call</span>'
+        f'<span class="node left_alone">left alone</span> Hover a highlighted node to see its counterpart.</p>'
+        f'<div class="graphs"><div><h3>Before: traced, {report.before["modules"]} modules</h3>'
+        + _html_graph(report, report.before, "before", status_before, links_before)
+        + f'</div><div><h3>After: prepared, {report.after["modules"]} modules</h3>'
+        + _html_graph(report, report.after, "after", status_after, links_after)
+        + "</div></div></section>",
+        f'<section id="left-alone"><h2>Left alone ({len(tables["left_alone"][1])})</h2>'
+        + _html_table(*tables["left_alone"], loc_col=2, code_cols=(0, 1), row_attrs=skipped_attrs) + "</section>",
+        f'<section id="notes"><h2>Notes ({len(tables["notes"][1])})</h2>'
+        + _html_table(*tables["notes"], loc_col=1, code_cols=(0,)) + "</section>",
+        '<section id="summary"><h2>Summary</h2>' + _html_table(*tables["passes"])
+        + f'<p>Modules: {summary["modules"]["before"]} → {summary["modules"]["after"]}. '
+          f'Parameters: {p["before"]} → {p["after"]} ({params}).</p>{specialised}</section>',
+        f'<section id="verification"><h2>Verification</h2>{verify_html}</section>',
+        f'<section id="code-diff"><h2>Generated <code>forward</code>: before → after</h2>'
+        + _html_diff(report.code_diff()) + "</section>",
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_e(report._title())}</title><style>{_CSS}</style></head><body>"  # noqa: SLF001
+        f"<header><h1>{_e(report._title())}</h1>"  # noqa: SLF001
+        f'<span class="badge {verdict_cls}" id="verdict">{_e(report.verdict)}</span>'
+        f'<span class="stat"><b>{len(report.rewrites)}</b> rewritten · <b>{len(report.left_alone)}</b> left alone · '
+        f'<b>{len(report.notes)}</b> notes · modules <b>{summary["modules"]["before"]} → {summary["modules"]["after"]}</b>'
+        f' · parameters <b>{p["before"]} → {p["after"]}</b></span></header>'
+        f"<main>{''.join(sections)}</main><script>{_JS}</script></body></html>"
+    )
