@@ -6,6 +6,7 @@ for nodes a pass created, so a report can say which pass made a node out of whic
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import re
@@ -52,14 +53,17 @@ def source_location(node: torch.fx.Node) -> str:
     frame = _user_frame(node)
     if frame is None:
         return ""
-    file, line, _ = frame
+    return f"{_shown(frame[0])}:{frame[1]}"
+
+
+@functools.lru_cache(maxsize=512)
+def _shown(file: str) -> str:
+    """A path relative to the working directory, unless that climbs two levels up."""
     try:
         shown = os.path.relpath(file)
     except ValueError:  # another drive on Windows
-        shown = file
-    if shown.startswith(".." + os.sep + ".."):
-        shown = file
-    return f"{shown}:{line}"
+        return file
+    return file if shown.startswith(".." + os.sep + "..") else shown
 
 
 def source_code(node: torch.fx.Node) -> str:

@@ -1,7 +1,9 @@
 """The pass pipeline: a plain ordered list, and the runner.
 
-The runner logs each pass, lints the graph and recompiles after it, and wraps a failure
-as "pass X failed after [A, B]". Running the pipeline on its own output changes nothing.
+The runner logs each pass, lints the graph after it, and wraps a failure as "pass X failed
+after [A, B]". It regenerates the code once at the end (code generation is the costliest
+step of a pass and no pass reads the code), and after each pass only when a callback wants
+to run the intermediate model. Running the pipeline on its own output changes nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def run_pipeline(
         try:
             result = p(gm, config)
             gm.graph.lint()
-            if result.changed:
+            if result.changed and after_each is not None:
                 gm.recompile()
         except QprepError:
             raise
@@ -71,4 +73,6 @@ def run_pipeline(
         done.append(name)
         if after_each is not None:
             after_each(name, gm)
+    if after_each is None and any(r.changed for r in results):
+        gm.recompile()
     return results

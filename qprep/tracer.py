@@ -19,14 +19,17 @@ Differences from ``torch.fx.symbolic_trace``:
 from __future__ import annotations
 
 import dataclasses
+import linecache
 import operator
 import os
+import sys
 import traceback
 from typing import Any
 
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import uninteresting_files
 
 from ._compat import last_node
 from .config import PrepareConfig
@@ -37,7 +40,8 @@ __all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote"]
 _QPREP_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 # Frames never shown as a node's source: qprep's own and torch.fx's machinery.
-_SKIP_FRAMES = (_QPREP_DIR, os.path.join(_TORCH_DIR, "fx"))
+_SKIP_FRAMES = (_QPREP_DIR, os.path.join(_TORCH_DIR, "fx"), os.path.join(_TORCH_DIR, "nn", "modules", "module.py"))
+_UNINTERESTING = frozenset(uninteresting_files())
 
 # torch.nn modules traced into (not leaves) when config.trace_compound_nn is on.
 COMPOUND_NN = (
@@ -112,10 +116,33 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _stack_text(depth: int) -> str:
+    """The user's stack at node creation, formatted as fx formats ``node.stack_trace``,
+    from the first ``forward`` frame on, without torch.fx's and qprep's own frames.
+
+    Walking frames directly costs a fraction of ``traceback`` extraction per node."""
+    frames = []
+    frame = sys._getframe(depth)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_SKIP_FRAMES) and filename not in _UNINTERESTING:
+            frames.append((filename, frame.f_lineno, frame.f_code.co_name))
+        frame = frame.f_back
+    frames.reverse()
+    first = next((i for i, f in enumerate(frames) if f[2] == "forward"), None)
+    if first is None:
+        return ""
+    lines = []
+    for filename, lineno, name in frames[first:]:
+        lines.append(f'  File "{filename}", line {lineno}, in {name}')
+        code = linecache.getline(filename, lineno).strip()
+        if code:
+            lines.append(f"    {code}")
+    return "\n".join(lines)
+
+
 class QprepTracer(torch.fx.Tracer):
     """The tracer :func:`trace` uses; see the module docstring."""
-
-    record_stack_traces = True
 
     def __init__(self, config: PrepareConfig | None = None):
         super().__init__(param_shapes_constant=False)
@@ -129,10 +156,11 @@ class QprepTracer(torch.fx.Tracer):
     def proxy(self, node: torch.fx.Node) -> QprepProxy:
         return QprepProxy(node, self)
 
-    def _filter_traceback_frames(self, user_stack_summary):
-        frames = super()._filter_traceback_frames(user_stack_summary)
-        kept = [f for f in frames if not os.path.abspath(f.filename).startswith(_SKIP_FRAMES)]
-        return traceback.StackSummary.from_list(kept)
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind not in ("placeholder", "output", "get_attr"):
+            node.meta["stack_trace"] = _stack_text(2)
+        return node
 
     # -- leaves -------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -264,8 +292,8 @@ def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.recompile()
+    if gm.graph.eliminate_dead_code(is_impure_node=_is_impure):
+        gm.recompile()
     aliases = _module_aliases(model)
     if aliases:
         gm.meta.setdefault("qprep", {})["module_aliases"] = aliases

@@ -1,0 +1,105 @@
+"""prepare() time over plain torch.fx.symbolic_trace time, and forward latency of the
+prepared model over the original, measured side by side in one run.
+
+    python benchmarks/bench_prepare.py [--quick]
+
+Targets (issue 2): prepare <= 1.5x symbolic_trace, linear growth with graph size;
+prepared forward <= 1.05x the original on a ResNet-style model (1 thread, batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.fx
+import torch.nn as nn
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qprep  # noqa: E402
+from tests.models import AttentionBlock, TinyResNet  # noqa: E402
+
+
+class Stack(nn.Module):
+    def __init__(self, depth: int, dim: int = 32):
+        super().__init__()
+        self.blocks = nn.ModuleList([AttentionBlock(dim, 4) for _ in range(depth)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _median(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _nodes(model) -> int:
+    return len(torch.fx.symbolic_trace(model).graph.nodes)
+
+
+def prepare_rows(models, repeats):
+    rows = []
+    for name, model, x in models:
+        model.eval()
+        t_fx = _median(lambda: torch.fx.symbolic_trace(model), repeats)
+        t_prep = _median(lambda: qprep.prepare(model), repeats)
+        t_inplace = _median(lambda: qprep.prepare(model, inplace=True), repeats)
+        t_check = _median(lambda: qprep.prepare(model, (x,)), max(1, repeats // 2))
+        n = _nodes(model)
+        rows.append([name, n, f"{t_fx * 1e3:.0f}", f"{t_prep * 1e3:.0f}", f"{t_prep / t_fx:.2f}x",
+                     f"{t_inplace / t_fx:.2f}x", f"{t_check / t_fx:.2f}x", f"{t_prep / n * 1e6:.0f}"])
+    return rows
+
+
+def latency_rows(models, repeats):
+    torch.set_num_threads(1)
+    rows = []
+    for name, model, x in models:
+        model.eval()
+        gm = qprep.prepare(model, (x,))
+        with torch.no_grad():
+            for _ in range(3):
+                model(x), gm(x)
+            a, b = [], []
+            for _ in range(repeats):  # interleaved, so drift hits both alike
+                a.append(_median(lambda: model(x), 3))
+                b.append(_median(lambda: gm(x), 3))
+        ta, tb = statistics.median(a), statistics.median(b)
+        rows.append([name, f"{ta * 1e3:.2f}", f"{tb * 1e3:.2f}", f"{tb / ta:.3f}x"])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 7
+    depths = (2, 4) if args.quick else (8, 16, 32)
+    torch.manual_seed(0)
+    models = [(f"resnet-style, {d} blocks", TinyResNet(16, d), torch.randn(1, 3, 32, 32)) for d in depths]
+    models += [(f"transformer-like, {d} blocks", Stack(d), torch.randn(1, 16, 32)) for d in depths]
+    print("prepare() time vs torch.fx.symbolic_trace (same models, same run)")
+    print(tabulate(prepare_rows(models, repeats), headers=[
+        "model", "fx nodes", "fx ms", "prepare ms", "prepare/fx", "inplace/fx", "with inputs+verify/fx", "us/node"]))
+    print()
+    print("forward latency, 1 thread, batch 1 (median of interleaved runs)")
+    lat = [(f"resnet-style, {d} blocks", TinyResNet(32, d), torch.randn(1, 3, 64, 64)) for d in depths[:2]]
+    lat += [(f"transformer-like, {d} blocks", Stack(d), torch.randn(1, 16, 32)) for d in depths[:1]]
+    print(tabulate(latency_rows(lat, repeats), headers=["model", "original ms", "prepared ms", "prepared/original"]))
+
+
+if __name__ == "__main__":
+    main()
