@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from qprep import modules as qm
 from qprep._provenance import module_scope, record_change
 from qprep.aliases import hide_aliases
+from qprep.analysis import mode_argument
 from qprep.config import PrepareConfig
 from qprep.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS, REQUIRED, BuildContext, Spec, Unconvertible
 from qprep.graph_utils import ModuleNamer, call_template, erase_unused_attrs, replace_with_module, resolve_attr, target_text, type_name
@@ -83,9 +84,15 @@ def _without_module(node: torch.fx.Node) -> bool:
         return False
 
 
+def _follows_training(node: torch.fx.Node) -> bool:
+    return bool((node.meta.get("qprep") or {}).get("follows_training"))
+
+
 def handles(node: torch.fx.Node) -> bool:
-    """Whether this pass owns ``node`` (converts it or keeps it in a wrapper)."""
-    return _spec_for(node) is not None or _without_module(node)
+    """Whether this pass owns ``node`` (converts it or keeps it in a wrapper). Besides the
+    functionals, any call whose ``training`` argument follows ``self.training``: it gets a
+    wrapper that passes its own mode, so the prepared model follows ``.train()``."""
+    return _spec_for(node) is not None or _without_module(node) or _follows_training(node)
 
 
 def _bind(spec: Spec, node: torch.fx.Node) -> dict:
@@ -123,8 +130,7 @@ def _build(gm, spec: Spec, node: torch.fx.Node) -> tuple:
         if name not in spec.inputs and name not in spec.parametric and _has_node(value):
             raise Unconvertible(f"argument {name!r} is computed at run time; nn modules take it as a constant")
     attrs = {name: resolve_attr(gm, bound[name]) for name in spec.parametric}
-    follows = bool((node.meta.get("qprep") or {}).get("follows_training"))
-    ctx = BuildContext(attrs=attrs, rank=_rank(bound[spec.inputs[0]]), follows_training=follows)
+    ctx = BuildContext(attrs=attrs, rank=_rank(bound[spec.inputs[0]]), follows_training=_follows_training(node))
     module = spec.build(bound, ctx)
     aliases = {attr: bound[attr].target for attr in ctx.adopted}
     aliases.update({attr: None for attr in ctx.private})
@@ -141,7 +147,7 @@ def convert_functionals(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pass
     changes, aliases = [], {}
     for node in list(gm.graph.nodes):
         spec = _spec_for(node)
-        if spec is None and not _without_module(node):
+        if not handles(node):
             continue
         op_text = target_text(node)
         scope = module_scope(node)
@@ -153,7 +159,10 @@ def convert_functionals(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pass
         except Unconvertible as exc:
             reason = f"kept as an exact qprep.modules.Functional wrapper: {exc}"
             args, kwargs, inputs = call_template(node)
-            module, adopted = qm.Functional(node.target, args, kwargs), {}
+            mode_arg = mode_argument(node) if _follows_training(node) else None
+            if mode_arg is not None:
+                reason += "; its training argument follows the wrapper's mode"
+            module, adopted = qm.Functional(node.target, args, kwargs, mode_arg=mode_arg), {}
         base = type(module).__name__.lower() if not reason else _op_name(node).strip("_") or "functional"
         name = namer.name(scope, base)
         changes.append(record_change(

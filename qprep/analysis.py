@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .records import NOTE, Change
 from ._provenance import record_change
 
-__all__ = ["record_types", "mark_training_dependence", "preserved_state", "MODE_SENSITIVE"]
+__all__ = ["record_types", "mark_training_dependence", "preserved_state", "mode_argument", "MODE_SENSITIVE"]
 
 #: Functionals whose ``training`` argument (by position) may come from ``self.training``.
 MODE_SENSITIVE: dict[Callable, tuple[str, int]] = {
@@ -67,21 +67,32 @@ def _clone(value: Any) -> Any:
 
 
 def has_mode_sensitive_calls(gm: torch.fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and _sensitive(n.target) for n in gm.graph.nodes)
+    return any(mode_argument(n) is not None for n in gm.graph.nodes)
 
 
-def _sensitive(target) -> bool:
+def mode_argument(node: torch.fx.Node) -> str | int | None:
+    """Where ``node`` takes a training flag: a keyword name, a position, or ``None``.
+    Known functionals by table; any other function by a ``training=`` keyword
+    (``torchvision.ops.stochastic_depth(x, p, mode, training=self.training)``)."""
+    if node.op != "call_function":
+        return None
     try:
-        return target in MODE_SENSITIVE
+        known = MODE_SENSITIVE.get(node.target)
     except TypeError:
-        return False
+        known = None
+    if known is not None:
+        name, index = known
+        return name if name in node.kwargs or len(node.args) <= index else index
+    if isinstance(node.kwargs.get("training"), bool):
+        return "training"
+    return None
 
 
 def _flag(node: torch.fx.Node) -> Any:
-    name, index = MODE_SENSITIVE[node.target]
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[index] if len(node.args) > index else "<default>"
+    where = mode_argument(node)
+    if isinstance(where, str):
+        return node.kwargs.get(where, "<default>")
+    return node.args[where]
 
 
 def _signature(gm: torch.fx.GraphModule) -> list:
@@ -103,7 +114,7 @@ def mark_training_dependence(
                 f"the prepared model reproduces {mode} mode only")
         return [record_change(first, "trace", NOTE, "self.training", "self.training", reason=note)] if first else []
     for node, twin in zip(gm.graph.nodes, flipped.graph.nodes):
-        if node.op == "call_function" and _sensitive(node.target):
+        if mode_argument(node) is not None and mode_argument(twin) == mode_argument(node):
             if _flag(node) != _flag(twin):
                 node.meta.setdefault("qprep", {})["follows_training"] = True
     return []

@@ -101,7 +101,8 @@ class TensorOp(nn.Module):
     #: built directly, pass the inputs as one list (``torch.cat([a, b])``).
     pack_inputs: ClassVar[bool] = False
 
-    def __init__(self, call: Callable | str | None = None, args: tuple | None = None, kwargs: dict | None = None, **constants):
+    def __init__(self, call: Callable | str | None = None, args: tuple | None = None, kwargs: dict | None = None,
+                 *, mode_arg: str | int | None = None, **constants):
         super().__init__()
         call = call if call is not None else self.default_call
         if call is None:
@@ -111,6 +112,9 @@ class TensorOp(nn.Module):
         self.kwargs = {**(kwargs or {}), **constants}
         self._filled = self.args is not None and (_has_slot(self.args) or _has_slot(self.kwargs))
         self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
+        #: the argument (keyword name or position) that is ``self.training`` at call time:
+        #: ``F.dropout(x, p, training=self.training)`` keeps following ``.train()``/``.eval()``.
+        self.mode_arg = mode_arg
 
     def forward(self, *inputs):
         if self.args is None:
@@ -119,20 +123,29 @@ class TensorOp(nn.Module):
             args, kwargs = _fill(self.args, inputs), _fill(self.kwargs, inputs)
         else:
             args, kwargs = self.args, self.kwargs
+        if self.mode_arg is not None:
+            args, kwargs = self._with_mode(args, kwargs)
         call = self.call
         if isinstance(call, str):
             return getattr(args[0], call)(*args[1:], **kwargs)
         return call(*args, **kwargs)
 
+    def _with_mode(self, args, kwargs):
+        if isinstance(self.mode_arg, str):
+            return args, {**kwargs, self.mode_arg: self.training}
+        args = list(args)
+        args[self.mode_arg] = self.training
+        return tuple(args), kwargs
+
     def constants(self) -> dict[str, Any]:
         """The constant (non-input) arguments, by parameter name where known."""
         out: dict[str, Any] = {}
         for i, value in enumerate(self.args or ()):
-            if not _has_slot(value):
+            if not _has_slot(value) and i != self.mode_arg:
                 name = self.arg_names[i] if i < len(self.arg_names) else f"arg{i}"
                 out[name] = value
         for key, value in self.kwargs.items():
-            if not _has_slot(value):
+            if not _has_slot(value) and key != self.mode_arg:
                 out[key] = value
         return out
 
@@ -142,6 +155,8 @@ class TensorOp(nn.Module):
             parts.append(f"call={describe_call(self.call)}")
         if self.inplace:
             parts.append("inplace=True")
+        if self.mode_arg is not None:
+            parts.append(f"{self.mode_arg if isinstance(self.mode_arg, str) else 'arg' + str(self.mode_arg)}=self.training")
         return ", ".join(parts)
 
 

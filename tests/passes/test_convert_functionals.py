@@ -195,3 +195,43 @@ def test_dynamic_interpolate_size_is_wrapped():
     gm = qprep.prepare(model, (torch.rand(1, 2, 3, 3), torch.rand(1, 2, 6, 6)))
     assert any(isinstance(m, qprep.modules.Functional) for m in gm.modules())
     assert qprep.verify(model, gm, (torch.rand(1, 2, 4, 4), torch.rand(1, 2, 8, 8))).equal
+
+
+def _stochastic(x, p: float, training: bool = True):
+    if not training or p == 0.0:
+        return x
+    return x * torch.bernoulli(torch.full_like(x, 1 - p)) / (1 - p)
+
+
+torch.fx.wrap("_stochastic")
+
+
+def test_any_function_with_training_from_self_training_follows_mode():
+    """A wrapped (leaf) function taking training=self.training, like torchvision's
+    stochastic_depth, keeps following .train()/.eval() after preparation."""
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return _stochastic(x * 2, 0.5, training=self.training)
+
+    model = Net().eval()
+    gm = qprep.prepare(model, (torch.rand(4, 4),))
+    wrapper = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional)]
+    assert len(wrapper) == 1 and wrapper[0].mode_arg == "training"
+    assert "training=self.training" in repr(wrapper[0])
+    x = torch.rand(4, 4)
+    assert qprep.verify(model, gm, x, train=True).equal
+    gm.train()
+    assert not torch.equal(gm(x), x * 2)
+    gm.eval()
+    assert torch.equal(gm(x), x * 2)
+
+
+def test_dropout_with_positional_self_training_inside_fallback():
+    class Net(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, self.training, False) + F.alpha_dropout(x, 0.2, self.training)
+
+    model = Net().eval()
+    gm = qprep.prepare(model, (torch.rand(3, 5),))
+    assert qprep.verify(model, gm, torch.rand(3, 5), train=True).equal
