@@ -1,0 +1,142 @@
+"""The tracer: source lines, scopes, in-place semantics, leaves, opaque fallbacks, errors."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qprep
+from qprep.tracer import trace
+from tests.models import DistillerBlock
+
+
+def _line_of(text: str, path: str) -> int:
+    lines = open(path).read().splitlines()
+    return next(i + 1 for i, line in enumerate(lines) if line.strip() == text)
+
+
+def test_nodes_record_source_lines_and_scopes():
+    import tests.models as models_file
+
+    gm, _ = trace(nn.Sequential(DistillerBlock()))
+    iadd = next(n for n in gm.graph.nodes if n.target is operator.iadd)
+    expected = _line_of("out += identity", models_file.__file__)
+    assert qprep._provenance.source_location(iadd).endswith(f"tests/models.py:{expected}")
+    assert qprep._provenance.source_code(iadd) == "out += identity"
+    assert qprep._provenance.module_scope(iadd) == "0"
+
+
+def test_augmented_assignment_is_recorded_in_place():
+    class M(nn.Module):
+        def forward(self, x, y):
+            x += y
+            x -= 1
+            x *= y
+            x /= 2
+            return x
+
+    gm, _ = trace(M())
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [operator.iadd, operator.isub, operator.imul, operator.itruediv]
+    a, b = torch.rand(3), torch.rand(3)
+    a2 = a.clone()
+    out = gm(a2, b)
+    assert out is a2 and torch.equal(out, M()(a.clone(), b))
+
+
+def test_plain_fx_differs_on_aliasing_qprep_does_not():
+    class M(nn.Module):
+        def forward(self, x):
+            y = x * 1
+            alias = y
+            y += 1
+            return alias
+
+    x = torch.zeros(2)
+    assert torch.equal(trace(M())[0](x), M()(x))
+    assert not torch.equal(torch.fx.symbolic_trace(M())(x), M()(x))
+
+
+def test_user_leaf_modules_by_type_and_name():
+    model = nn.Sequential(DistillerBlock(), DistillerBlock())
+    gm, _ = trace(model, qprep.PrepareConfig(leaf_modules=(DistillerBlock,)))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    gm, _ = trace(model, qprep.PrepareConfig(leaf_modules=("1",)))
+    assert "1" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "0.conv1" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test_compound_transformer_layer_is_traced_into():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    model = M().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 5, 16),))
+    names = {n for n, _ in gm.named_modules()}
+    assert "layer.linear1" in names and "layer.self_attn" in names
+    assert any(isinstance(m, qprep.modules.Add) for m in gm.modules())
+    assert qprep.verify(model, gm, torch.randn(3, 4, 16)).equal
+    assert qprep.verify(model, gm, torch.randn(3, 4, 16), train=True).equal
+
+
+def test_untraceable_compound_module_kept_opaque_with_note():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.enc(x) * 2
+
+    model = M().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 5, 16),))
+    notes = gm.meta["qprep"]["preparation"].trace_notes
+    assert [n.module for n in notes] == ["enc"] and notes[0].module_type == "TransformerEncoder"
+    assert "enc" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert qprep.verify(model, gm, torch.randn(2, 5, 16)).equal
+
+
+def test_untraceable_leaf_mode_keeps_rest_prepared():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.mean() > 0 else -x
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Branchy()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.fc(self.a(x)) + 1)
+
+    model = M()
+    gm = qprep.prepare(model, (torch.randn(2, 4),), on_untraceable="leaf")
+    assert isinstance(gm.get_submodule("add"), qprep.modules.Add)
+    assert isinstance(gm.get_submodule("relu"), nn.ReLU)
+    assert qprep.verify(model, gm, torch.randn(3, 4)).equal
+
+
+def test_root_untraceable_error_names_line():
+    class M(nn.Module):
+        def forward(self, x):
+            for _ in range(int(x.sum())):
+                x = x + 1
+            return x
+
+    with pytest.raises(qprep.TraceError) as info:
+        qprep.prepare(M())
+    assert "test_tracer.py" in str(info.value) and "for _ in range(int(x.sum()))" in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+def test_trace_rejects_non_module():
+    with pytest.raises(qprep.InputError):
+        trace(lambda x: x)

@@ -1,0 +1,70 @@
+"""qprep.verify: structures, detection, modes, state restoration."""
+
+import collections
+import math
+
+import torch
+import torch.nn as nn
+
+import qprep
+from qprep.verify import compare
+from tests.models import DistillerBlock
+
+
+class Multi(nn.Module):
+    Out = collections.namedtuple("Out", "a b")
+
+    def __init__(self, delta=0.0):
+        super().__init__()
+        self.delta = delta
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"pair": (y, y + self.delta), "named": self.Out(y * 2, [y, 3])}
+
+
+def test_nested_structures_compared_leaf_by_leaf():
+    a = Multi()
+    b = Multi(1e-3)
+    b.load_state_dict(a.state_dict())
+    result = qprep.verify(a, b, torch.randn(2, 3))
+    assert not result.equal
+    by_path = {o.path: o for o in result.outputs}
+    assert by_path["output['pair'][0]"].equal
+    assert not by_path["output['pair'][1]"].equal
+    assert math.isclose(by_path["output['pair'][1]"].max_abs_diff, 1e-3, rel_tol=1e-2)
+    assert by_path["output['named'].b[1]"].equal
+    assert "NOT EQUIVALENT" in result.table()
+
+
+def test_structure_mismatch_is_not_equal():
+    checks = compare((torch.ones(2),), (torch.ones(2), torch.ones(2)))
+    assert not checks[0].equal and "structure" in checks[0].note
+
+
+def test_nan_equal_to_nan():
+    assert compare(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))[0].equal
+
+
+def test_verify_restores_modes_and_buffers():
+    model = DistillerBlock().eval()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 8, 8),))
+    mean = model.bn1.running_mean.clone()
+    result = qprep.verify(model, gm, torch.randn(2, 3, 8, 8), train=True, grad=True)
+    assert result.equal and result.mode == "train" and result.grads
+    assert not model.training and not gm.training
+    assert torch.equal(model.bn1.running_mean, mean)
+
+
+def test_inputs_modified_in_place_do_not_leak_between_runs():
+    class Mutates(nn.Module):
+        def forward(self, x):
+            x += 1
+            return x * 2
+
+    model = Mutates()
+    gm = qprep.prepare(model, (torch.zeros(2),))
+    x = torch.zeros(2)
+    assert qprep.verify(model, gm, x).equal
+    assert torch.equal(x, torch.zeros(2))
