@@ -10,9 +10,11 @@ from .ops import (
     Cumsum, Cumprod, Var, Std, LogSumExp, Argmax, Argmin, Eq, Ne, Lt, Le, Gt, Ge, LogicalNot,
     LogicalAnd, LogicalOr, BitwiseAnd, BitwiseOr, BitwiseXor, BitwiseNot, Functional,
 )
+from .attention import ModularMultiheadAttention, SafeSoftmax, SlicedLinear
 from .rnn import ModularGRU, ModularGRUCell, ModularLSTM, ModularLSTMCell, ModularRecurrentLayer, ModularRNN, ModularRNNCell
 
 __all__ = [
     "Input", "TensorOp", *ops.__all__,
     "ModularLSTMCell", "ModularGRUCell", "ModularRNNCell", "ModularRecurrentLayer", "ModularLSTM", "ModularGRU", "ModularRNN",
+    "ModularMultiheadAttention", "SlicedLinear", "SafeSoftmax",
 ]
