@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from typing import Any, Callable, Iterator
 
 import torch
@@ -21,7 +23,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .records import NOTE, Change
 from ._provenance import record_change
 
-__all__ = ["record_types", "mark_training_dependence", "preserved_state", "mode_argument", "MODE_SENSITIVE"]
+__all__ = [
+    "record_types", "mark_training_dependence", "preserved_state", "mode_argument", "may_depend_on_mode",
+    "MODE_SENSITIVE",
+]
 
 #: Functionals whose ``training`` argument (by position) may come from ``self.training``.
 MODE_SENSITIVE: dict[Callable, tuple[str, int]] = {
@@ -68,6 +73,41 @@ def _clone(value: Any) -> Any:
 
 def has_mode_sensitive_calls(gm: torch.fx.GraphModule) -> bool:
     return any(mode_argument(n) is not None for n in gm.graph.nodes)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_reads_training(cls: type) -> bool:
+    """Whether the source of ``cls`` (or a base below ``nn.Module``) mentions ``training``;
+    ``True`` when the source cannot be read."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        try:
+            if "training" in inspect.getsource(klass):
+                return True
+        except (OSError, TypeError):
+            return True
+    return False
+
+
+def may_depend_on_mode(model: nn.Module, leaf_types: tuple = ()) -> bool:
+    """Whether tracing ``model`` in the other mode could give another graph: some module
+    whose code is traced (not a ``torch.nn`` leaf) reads ``training``."""
+    for module in model.modules():
+        cls = type(module)
+        if cls.__module__.startswith(("torch.nn.modules", "qprep.")) and not _compound(module):
+            continue
+        if leaf_types and isinstance(module, leaf_types):
+            continue
+        if _class_reads_training(cls):
+            return True
+    return False
+
+
+def _compound(module: nn.Module) -> bool:
+    from .tracer import COMPOUND_NN
+
+    return isinstance(module, COMPOUND_NN)
 
 
 def mode_argument(node: torch.fx.Node) -> str | int | None:

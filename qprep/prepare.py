@@ -12,7 +12,7 @@ import torch.fx
 import torch.nn as nn
 
 from .aliases import restore_missing_state
-from .analysis import has_mode_sensitive_calls, mark_training_dependence, record_types
+from .analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, record_types
 from .config import PrepareConfig
 from .errors import InputError, NotEquivalentError, QprepError, TraceError
 from .pipeline import PIPELINE, pass_name, run_pipeline
@@ -115,7 +115,8 @@ def _flip_modes(model: nn.Module) -> dict:
 
 def _analyse(model: nn.Module, gm: torch.fx.GraphModule, config: PrepareConfig, args: tuple | None) -> list[Change]:
     notes: list[Change] = []
-    if has_mode_sensitive_calls(gm):
+    leaf_types = tuple(t for t in config.leaf_modules if isinstance(t, type))
+    if has_mode_sensitive_calls(gm) or may_depend_on_mode(model, leaf_types):
         modes = _flip_modes(model)
         try:
             flipped, _ = trace(model, config)

@@ -249,3 +249,29 @@ def test_first_bad_pass_is_named(monkeypatch):
         qprep.prepare(model, (torch.randn(1, 3, 8, 8),))
     assert info.value.result.first_bad_pass == "wrap_tensor_ops"
     assert "wrap_tensor_ops" in str(info.value)
+
+
+def test_forward_branching_on_training_is_reported():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if self.training:
+                x = x * 0.5
+            return self.fc(x)
+
+    model = Noisy().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    notes = [c for c in gm.meta["qprep"]["preparation"].changes if c.action == "note"]
+    assert len(notes) == 1 and "self.training" in notes[0].reason and "eval mode" in notes[0].reason
+    assert qprep.verify(model, gm, torch.randn(3, 4)).equal
+
+
+def test_models_without_training_reads_are_traced_once(monkeypatch):
+    calls = []
+    real = qprep.prepare.__globals__["trace"]
+    monkeypatch.setitem(qprep.prepare.__globals__, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qprep.prepare(DistillerBlock(), (torch.randn(1, 3, 8, 8),))
+    assert len(calls) == 1
