@@ -48,7 +48,11 @@ class UsageError(Exception):
 
 # -- model and inputs --------------------------------------------------------------------------
 def _import_file(path: pathlib.Path):
-    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else f"qprep_model_{abs(hash(path))}"
+    resolved = str(path.resolve())
+    for module in list(sys.modules.values()):  # imported already (the model, then --leaf file.py:Class)
+        if getattr(module, "__file__", None) and os.path.abspath(module.__file__) == resolved:
+            return module
+    name = path.stem if path.stem.isidentifier() and path.stem not in sys.modules else f"qprep_model_{abs(hash(resolved))}"
     folder = str(path.parent.resolve())
     if folder not in sys.path:
         sys.path.insert(0, folder)  # the file's siblings import as they do when it runs as a script
@@ -329,8 +333,8 @@ _FIX = {
                            "fix: use a {module_type} module instead",
     "split_reused_modules": "{op}: the module is called at several sites, so their statistics collide; "
                             "fix: give this call its own {module_type} instance",
-    "expand_rnns": "{op} computes its gates inside one fused kernel that a quantizer cannot see into; "
-                   "fix: replace it with {module_type} (from_float keeps the weights)",
+    "expand_rnns": "{op} computes everything inside one fused kernel, so a quantizer sees only its inputs and "
+                   "outputs; fix: replace it with {module_type} (from_float keeps the weights)",
 }
 
 
