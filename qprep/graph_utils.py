@@ -12,7 +12,7 @@ import torch.fx
 import torch.nn as nn
 
 from ._compat import rename_like_fx
-from ._provenance import module_scope, stamp
+from ._provenance import stamp
 from .modules.base import Input
 
 __all__ = [

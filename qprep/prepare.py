@@ -16,9 +16,9 @@ from .analysis import has_mode_sensitive_calls, mark_training_dependence, may_de
 from .config import PrepareConfig
 from .errors import InputError, NotEquivalentError, QprepError, TraceError
 from .pipeline import PIPELINE, pass_name, run_pipeline
-from .records import Change, PassResult
+from .records import Change
 from .tracer import TraceNote, trace
-from .verify import VerifyResult, compare, verify
+from .verify import VerifyResult, verify
 
 __all__ = ["prepare", "Preparation", "replay_passes", "snapshot"]
 

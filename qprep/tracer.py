@@ -24,7 +24,6 @@ import operator
 import os
 import sys
 import traceback
-from typing import Any
 
 import torch
 import torch.fx
