@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import html
 import json
 import math
@@ -267,33 +268,41 @@ class Report:
     def before(self) -> dict:
         return self.preparation.before
 
-    def _order(self, change: Change) -> int:
+    def _sorted(self, action: str) -> tuple[Change, ...]:
         index = {n["name"]: i for i, n in enumerate(self.before["nodes"])}
-        return index.get(change.node, len(index))
+        found = [c for c in self.preparation.changes if c.action == action]
+        return tuple(sorted(found, key=lambda c: index.get(c.node, len(index))))
 
-    @property
+    @functools.cached_property
     def rewrites(self) -> tuple[Change, ...]:
         """``rewritten`` records, in the order of the original graph."""
-        found = [c for c in self.preparation.changes if c.action == REWRITTEN]
-        return tuple(sorted(found, key=self._order))
+        return self._sorted(REWRITTEN)
 
-    @property
+    @functools.cached_property
     def left_alone(self) -> tuple[Change, ...]:
-        found = [c for c in self.preparation.changes if c.action == SKIPPED]
-        return tuple(sorted(found, key=self._order))
+        """``skipped`` records, in the order of the original graph."""
+        return self._sorted(SKIPPED)
 
-    @property
+    @functools.cached_property
     def notes(self) -> tuple[Change, ...]:
         """``note`` records and the tracer's opaque leaves (as records of pass ``trace``)."""
         traced = tuple(_trace_note_record(n) for n in self.preparation.trace_notes)
         return traced + tuple(c for c in self.preparation.changes if c.action == NOTE)
 
+    @functools.cached_property
+    def _callers(self) -> dict[str, str]:
+        """Module name -> the first node of the prepared graph that calls it."""
+        callers: dict[str, str] = {}
+        for n in self.after["nodes"]:
+            if n["op"] == "call_module":
+                callers.setdefault(n["target"], n["name"])
+        return callers
+
     def after_node(self, change: Change) -> str | None:
         """The node of the prepared graph that calls the module ``change`` made."""
         if change.action != REWRITTEN or not change.module_name:
             return None
-        nodes = [n for n in self.after["nodes"] if n["op"] == "call_module" and n["target"] == change.module_name]
-        return nodes[0]["name"] if nodes else None
+        return self._callers.get(change.module_name)
 
     def _status(self) -> tuple[dict, dict]:
         before = {c.node: "left_alone" for c in self.left_alone}
@@ -502,6 +511,7 @@ header h1{font-size:20px;margin:0;font-weight:600}
 .badge{padding:3px 10px;border-radius:12px;font-weight:700;font-size:13px}
 .EQUIVALENT{background:#1a7f37;color:#fff}.NOT-EQUIVALENT{background:#cf222e;color:#fff}.NOT-VERIFIED{background:#8c959f;color:#fff}
 .stat{font-size:13px;color:#d0d7de}.stat b{color:#fff}
+header nav{margin-left:auto;display:flex;gap:12px}header nav a{color:#d0d7de;font-size:13px}
 main{padding:12px 24px 40px}
 section{background:#fff;border:1px solid #d0d7de;border-radius:6px;margin:14px 0;padding:10px 16px}
 h2{font-size:16px;margin:4px 0 10px}
@@ -580,8 +590,10 @@ def _call_text(n: dict) -> str:
 
 
 def _html_graph(report: Report, snap: dict, side: str, status: dict, links: dict) -> str:
-    """Nodes as boxes, nested in dashed boxes by the module scope that made them."""
+    """Nodes as boxes, nested in dashed boxes by the module scope that made them; the
+    submodules of new modules listed (open when they are few in all)."""
     out, open_scopes = [], []
+    report_small = sum(len(v) for v in report.submodules.values()) <= 40
     for n in snap["nodes"]:
         want = _scope_parts(n["scope"])
         while open_scopes and open_scopes != want[: len(open_scopes)]:
@@ -603,7 +615,7 @@ def _html_graph(report: Report, snap: dict, side: str, status: dict, links: dict
                 items = "".join(
                     f'<li style="padding-left:{14 * name.count(".")}px"><code>{_e(name.rpartition(".")[2])}</code> '
                     f'<span class="muted">{_e(kind.rpartition(".")[2])}</span></li>' for name, kind in inner)
-                why += f'<details{" open" if len(inner) <= 40 else ""}><summary>{len(inner)} submodules</summary><ul class="tree">{items}</ul></details>'
+                why += f'<details{" open" if report_small else ""}><summary>{len(inner)} submodules</summary><ul class="tree">{items}</ul></details>'
         elif change is not None:
             why = f'left alone by {_e(change.pass_name)}: {_e(change.reason)}'
         attrs = f' data-pair="{_e(partner)}"' if partner else ""
@@ -709,6 +721,10 @@ def _render_html(report: Report) -> str:
         f'<span class="badge {verdict_cls}" id="verdict">{_e(report.verdict)}</span>'
         f'<span class="stat"><b>{len(report.rewrites)}</b> rewritten · <b>{len(report.left_alone)}</b> left alone · '
         f'<b>{len(report.notes)}</b> notes · modules <b>{summary["modules"]["before"]} → {summary["modules"]["after"]}</b>'
-        f' · parameters <b>{p["before"]} → {p["after"]}</b></span></header>'
+        f' · parameters <b>{p["before"]} → {p["after"]}</b></span><nav>'
+        + "".join(f'<a href="#{anchor}">{label}</a>' for anchor, label in (
+            ("rewrites", "rewritten"), ("graphs", "graph"), ("left-alone", "left alone"), ("notes", "notes"),
+            ("summary", "summary"), ("verification", "verification"), ("code-diff", "code diff")))
+        + "</nav></header>"
         f"<main>{''.join(sections)}</main><script>{_JS}</script></body></html>"
     )
