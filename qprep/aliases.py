@@ -4,13 +4,12 @@ Preparing a model registers existing Parameter and buffer objects under new name
 of a re-used module shares its original's weights, the ``nn.Linear`` made from an
 ``F.linear`` call holds the model's own weight, a modular LSTM's gate ``Linear`` modules hold
 ``weight_ih_l0``. Those second names are *aliases*. :func:`hide_aliases` makes
-``state_dict()`` omit them and ``load_state_dict()`` fill them from their canonical key, so
-a checkpoint of the original loads with ``strict=True`` into the prepared model and back,
+``state_dict()`` omit them and ``load_state_dict()`` accept their absence, so a checkpoint of the original loads with ``strict=True`` into the prepared model and back,
 and the weights are never copied. Weight ties the *user* made are not aliases: their keys stay.
 
 A key mapped to ``None`` is *private* state qprep added (the step counter of an
 ``nn.BatchNorm2d`` made from ``F.batch_norm``): hidden from ``state_dict()`` and, when a
-checkpoint lacks it, loaded from its current value.
+checkpoint lacks it, kept at its current value.
 """
 
 from __future__ import annotations
@@ -19,49 +18,50 @@ from typing import Mapping
 
 import torch.nn as nn
 
-__all__ = ["hide_aliases", "alias_names", "restore_missing_state"]
+__all__ = ["hide_aliases", "hidden_names", "restore_missing_state"]
 
-_ATTR = "_qprep_aliases"
-
-
-def alias_names(module: nn.Module) -> dict[str, str]:
-    """``{alias key: canonical key}`` hidden on ``module`` (relative to it)."""
-    return dict(getattr(module, _ATTR, {}))
+_ATTR = "_qprep_hidden"
 
 
-def hide_aliases(module: nn.Module, aliases: Mapping[str, str | None]) -> None:
-    """Hide the ``alias -> canonical`` keys (relative to ``module``) from its state dict.
+def hidden_names(module: nn.Module) -> frozenset[str]:
+    """Names of ``module``'s own tensors hidden from its state dict."""
+    return frozenset(getattr(module, _ATTR, ()))
 
-    Registers the two hooks once per module; later calls add to the mapping.
+
+def hide_aliases(root: nn.Module, aliases: Mapping[str, str | None]) -> None:
+    """Hide the ``alias`` keys (relative to ``root``) from ``root.state_dict()``.
+
+    ``aliases`` maps each alias key to the canonical key holding the same tensor object
+    (``None`` for private state); the canonical key stays and carries the value. The hooks
+    sit on the module that owns each alias, so they travel with it through ``deepcopy``,
+    ``torch.save`` and GraphModule reconstruction. On load, a missing alias key is filled
+    with the owner's own tensor: copying a tensor onto itself is a no-op, and the canonical
+    key loads the value into the shared object.
     """
-    existing = getattr(module, _ATTR, None)
-    if existing is None:
-        existing = {}
-        # Plain attribute (not a buffer): it travels with deepcopy and pickling.
-        object.__setattr__(module, _ATTR, existing)
-        module.register_state_dict_post_hook(_drop_aliases)
-        module.register_load_state_dict_pre_hook(_fill_aliases)
-    for alias, canonical in aliases.items():
-        while canonical is not None and canonical in existing:  # an alias of an alias: point at the root key
-            canonical = existing[canonical]
-        if alias != canonical:
-            existing[alias] = canonical
+    for alias in aliases:
+        owner_name, _, name = alias.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        hidden = getattr(owner, _ATTR, None)
+        if hidden is None:
+            hidden = set()
+            # A plain attribute (not a buffer): it travels with deepcopy and pickling.
+            object.__setattr__(owner, _ATTR, hidden)
+            owner.register_state_dict_post_hook(_drop_hidden)
+            owner.register_load_state_dict_pre_hook(_fill_hidden)
+        hidden.add(name)
 
 
-def _drop_aliases(module, state_dict, prefix, local_metadata):
-    for alias in getattr(module, _ATTR, {}):
-        state_dict.pop(prefix + alias, None)
+def _drop_hidden(module, state_dict, prefix, local_metadata):
+    for name in getattr(module, _ATTR, ()):
+        state_dict.pop(prefix + name, None)
 
 
-def _fill_aliases(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    for alias, canonical in getattr(module, _ATTR, {}).items():
-        if prefix + alias in state_dict:
-            continue
-        if canonical is None:
-            owner, _, name = alias.rpartition(".")
-            state_dict[prefix + alias] = getattr(module.get_submodule(owner), name)
-        elif prefix + canonical in state_dict:
-            state_dict[prefix + alias] = state_dict[prefix + canonical]
+def _fill_hidden(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for name in getattr(module, _ATTR, ()):
+        if prefix + name not in state_dict:
+            value = getattr(module, name, None)
+            if value is not None:
+                state_dict[prefix + name] = value
 
 
 def restore_missing_state(original: nn.Module, prepared: nn.Module) -> list[str]:

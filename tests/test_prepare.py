@@ -275,3 +275,17 @@ def test_models_without_training_reads_are_traced_once(monkeypatch):
     monkeypatch.setitem(qprep.prepare.__globals__, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
     qprep.prepare(DistillerBlock(), (torch.randn(1, 3, 8, 8),))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("model_cls", [SharedConv, FunctionalNet, ReusedBlock])
+def test_state_dict_keys_survive_deepcopy_and_save_load(model_cls, tmp_path):
+    model = model_cls().eval()
+    x = torch.randn(2, 8) if model_cls is ReusedBlock else torch.randn(2, 3, 8, 8)
+    gm = qprep.prepare(model, (x,))
+    torch.save(gm, tmp_path / "gm.pt")
+    for other in (copy.deepcopy(gm), torch.load(tmp_path / "gm.pt", weights_only=False)):
+        assert list(other.state_dict()) == list(model.state_dict())
+        other.load_state_dict(model_cls().state_dict(), strict=True)
+        fresh = model_cls().eval()
+        fresh.load_state_dict(other.state_dict(), strict=True)
+        assert torch.equal(other(x), fresh(x))
