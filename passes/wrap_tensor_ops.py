@@ -133,7 +133,7 @@ DATA_MOVEMENT: frozenset = frozenset({
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zero_", "fill_", "copy_",
     "requires_grad_", "as_strided",
     # torch functions / builtins (by name)
-    "getitem", "getattr", "flatten", "reshape", "permute", "transpose", "squeeze", "unsqueeze",
+    "getitem", "setitem", "getattr", "flatten", "reshape", "permute", "transpose", "squeeze", "unsqueeze",
     "chunk", "split", "unbind", "narrow", "select", "index_select", "gather", "movedim", "flip",
     "roll", "tile", "zeros", "ones", "full", "empty", "arange", "linspace", "zeros_like",
     "ones_like", "full_like", "empty_like", "rand", "randn", "rand_like", "randn_like", "tensor",

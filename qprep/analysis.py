@@ -53,10 +53,17 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
+def forked_rng():
+    """``torch.random.fork_rng`` over the CPU and every visible CUDA device: running a
+    model to inspect or verify it leaves the caller's random streams where they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def record_types(gm: torch.fx.GraphModule, inputs: tuple) -> None:
     """Run ``gm`` once on ``inputs`` and store each node's value type in ``meta["type"]``
     and, for tensors, ``meta["tensor_meta"]`` (``torch.fx.passes.shape_prop``)."""
-    with preserved_state(gm), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with preserved_state(gm), torch.no_grad(), forked_rng():
         ShapeProp(gm).propagate(*_clone(inputs))
 
 

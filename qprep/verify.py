@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
-from .analysis import _clone, preserved_state
+from .analysis import _clone, forked_rng, preserved_state
 from .errors import InputError
+from .modules.rnn import ONEDNN_LSTM_ATOL
 
 __all__ = ["verify", "VerifyResult", "OutputCheck", "KERNEL_BOUNDS", "native_kernels"]
 
@@ -35,7 +36,7 @@ _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerD
 #: Largest max-abs difference accepted against the fused kernels, per family: a little
 #: above the largest measured (oneDNN LSTM 5.4e-7; SDPA flash 9.5e-7, MHA fast path
 #: 4.8e-7), see qprep/modules/rnn.py and attention.py and their tests.
-KERNEL_BOUNDS = {"recurrent (oneDNN)": 1e-6, "attention (fast path)": 2e-6}
+KERNEL_BOUNDS = {"recurrent (oneDNN)": ONEDNN_LSTM_ATOL, "attention (fast path)": 2e-6}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _run(model: nn.Module, args: tuple, seed: int, params: list | None) -> tuple
     """Run with a fixed RNG seed; with ``params`` (a list), also return the gradients of
     the sum of outputs w.r.t. the floating-point inputs and those parameters."""
     args = _clone(args)
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng():
         torch.manual_seed(seed)
         if params is None:
             with torch.no_grad():
