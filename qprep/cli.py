@@ -436,7 +436,7 @@ def cmd_demo(args) -> int:
             report = diff(model, gm)
             print(report.text())
             print("\nverdict on more inputs, eval and train mode (dropout draws the same masks in both):")
-            runs = run_trials(model, gm, inputs, trials=2, train=True, seed=args.seed)
+            runs = run_trials(model, gm, inputs, trials=args.trials, train=True, seed=args.seed)
             print(trials_table(runs))
             if outdir:
                 print(f"report written to {report.write(outdir / f'{example.name}.html')}")
@@ -516,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG, formatter_class=fmt)
     p.add_argument("--example", action="append", metavar="NAME", help="run only this example (distiller, lstm)")
     p.add_argument("-o", "--output-dir", metavar="DIR", help="also write an HTML report per example into DIR")
+    p.add_argument("--trials", type=int, default=2, metavar="N", help="inputs to verify each example on (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(func=cmd_demo)
