@@ -58,7 +58,9 @@ def snapshot(gm: torch.fx.GraphModule) -> dict:
     return {"code": gm.code, "nodes": nodes, "modules": modules, "parameters": params}
 
 
-def _as_args(example_inputs: Any) -> tuple | None:
+def _as_args(model: nn.Module, example_inputs: Any) -> tuple | None:
+    """Example inputs as a tuple of positional arguments. A dict is taken as keyword
+    arguments and put in ``forward``'s order, defaults filling the gaps before the last."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -67,9 +69,31 @@ def _as_args(example_inputs: Any) -> tuple | None:
         return tuple(example_inputs)
     if isinstance(example_inputs, tuple):
         return example_inputs
+    if isinstance(example_inputs, dict):
+        return _keywords_in_order(model, example_inputs)
     raise InputError(
-        f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword "
+        f"arguments, got {type(example_inputs).__name__}"
     )
+
+
+def _keywords_in_order(model: nn.Module, kwargs: dict) -> tuple:
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params]
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise InputError(f"example_inputs names {sorted(unknown)}, which {type(model).__name__}.forward does not take")
+    last = max(names.index(k) for k in kwargs) if kwargs else -1
+    args = []
+    for p in params[: last + 1]:
+        if p.name in kwargs:
+            args.append(kwargs[p.name])
+        elif p.default is not p.empty:
+            args.append(p.default)
+        else:
+            raise InputError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward requires")
+    return tuple(args)
 
 
 def _defaults_after(model: nn.Module, given: int) -> dict[str, Any]:
@@ -84,13 +108,24 @@ def _defaults_after(model: nn.Module, given: int) -> dict[str, Any]:
     }
 
 
+def _none_arguments(model: nn.Module, args: tuple) -> dict[str, None]:
+    """Example inputs given as ``None`` are fixed to ``None`` (``if mask is not None``)."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+    return {names[i]: None for i, a in enumerate(args) if a is None and i < len(names)}
+
+
 def _trace(model: nn.Module, config: PrepareConfig, args: tuple | None) -> tuple[torch.fx.GraphModule, list, dict]:
     """Trace. Forward arguments that the example inputs leave out are fixed to their
-    defaults (``mask=None``): the prepared model is for calls like the example. Without
+    defaults (``mask=None``), and those given as ``None`` to ``None``: the prepared model is
+    for calls like the example. Without
     example inputs, they are fixed only if tracing fails otherwise. Either way it is said."""
     fixed = {}
     if config.concrete_args is None:
         fixed = _defaults_after(model, len(args) if args is not None else 0)
+        fixed.update(_none_arguments(model, args or ()))
     if args is not None and fixed:
         return (*trace(model, dataclasses.replace(config, concrete_args=fixed)), fixed)
     try:
@@ -213,7 +248,7 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise InputError(f"qprep.prepare() takes a torch.nn.Module, got {type(model).__name__}")
     config = _config(config, options)
-    args = _as_args(example_inputs)
+    args = _as_args(model, example_inputs)
     work = _working_copy(model, inplace)
     gm, trace_notes, fixed = _trace(work, config, args)
     notes = _analyse(work, gm, config, args)

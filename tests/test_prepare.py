@@ -289,3 +289,25 @@ def test_state_dict_keys_survive_deepcopy_and_save_load(model_cls, tmp_path):
         fresh = model_cls().eval()
         fresh.load_state_dict(other.state_dict(), strict=True)
         assert torch.equal(other(x), fresh(x))
+
+
+def test_keyword_example_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, scale=None, bias=None):
+            out = self.fc(x)
+            if scale is not None:
+                out = out * scale
+            return out + bias
+
+    model = TwoInputs()
+    x, b = torch.randn(2, 4), torch.randn(4)
+    gm = qprep.prepare(model, {"x": x, "bias": b})
+    assert torch.equal(gm(x, None, b), model(x, bias=b))
+    with pytest.raises(qprep.InputError, match="does not take"):
+        qprep.prepare(model, {"y": x})
+    with pytest.raises(qprep.InputError, match="requires"):
+        qprep.prepare(model, {"bias": b})
