@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-__all__ = ["last_node", "boolean_dispatch_parts", "rename_like_fx"]
+__all__ = ["last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed"]
 
 
 def last_node(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -32,3 +32,31 @@ def rename_like_fx(node: torch.fx.Node, *freed: str) -> None:
     for name in (node.name, *freed):
         graph._graph_namespace._used_names.discard(name)  # noqa: SLF001
     node._rename(graph._target_to_str(node.target))  # noqa: SLF001
+
+
+_MODULE_CALL = torch.nn.Module.__call__  # as torch defines it, before anyone patches it
+
+
+def has_call_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s own state makes ``nn.Module.__call__`` do more than call
+    ``forward``: a forward, forward-pre, backward or backward-pre hook on it, or a compiled
+    call (``module.compile()``). Global hooks: :func:`plain_calls_allowed`."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks  # noqa: SLF001  (read as _call_impl reads them)
+        or module._backward_hooks or module._backward_pre_hooks  # noqa: SLF001
+        or module._compiled_call_impl is not None  # noqa: SLF001
+    )
+
+
+def plain_calls_allowed() -> bool:
+    """Whether calling modules' ``forward`` directly, skipping ``nn.Module.__call__``, is
+    unobservable process-wide: no ``torch.jit.trace`` running, no global module hooks
+    (``register_module_forward_hook`` & co) and ``nn.Module.__call__`` not patched (as
+    ``torch.fx`` tracing does). Per-module state: :func:`has_call_hooks`."""
+    hooks = torch.nn.modules.module
+    return not (
+        torch._C._get_tracing_state() is not None  # noqa: SLF001
+        or torch.nn.Module.__call__ is not _MODULE_CALL
+        or hooks._global_forward_hooks or hooks._global_forward_pre_hooks  # noqa: SLF001
+        or hooks._global_backward_hooks or hooks._global_backward_pre_hooks  # noqa: SLF001
+    )
