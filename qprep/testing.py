@@ -82,7 +82,11 @@ def _tensor_like(t: torch.Tensor, g: torch.Generator, int_range: tuple[int, int]
     return out.to(t.device)
 
 
-def _as_args(inputs: Any) -> tuple:
+def _as_args(inputs: Any, model: nn.Module | None = None) -> tuple:
+    if isinstance(inputs, dict) and model is not None:  # keyword arguments, as prepare() takes them
+        from .prepare import _as_args as positional  # deferred: prepare imports verify
+
+        return positional(model, inputs)
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
     if isinstance(inputs, list):
@@ -111,7 +115,7 @@ def run_trials(
     seed). ``progress(i, trials, mode)`` is called before each run."""
     if trials < 1:
         raise InputError(f"trials must be at least 1, got {trials}")
-    args = _as_args(example_inputs)
+    args = _as_args(example_inputs, original)
     modes = ("eval", "train") if train else ("eval",)
     runs = []
     for i in range(1, trials + 1):
@@ -159,7 +163,8 @@ def assert_equivalent(
     **prepare_options: Any,
 ) -> nn.Module:
     """Prepare ``model`` (or take ``prepared``) and assert it computes bitwise what
-    ``model`` computes.
+    ``model`` computes. ``example_inputs``: a tensor, a tuple of positional arguments or a
+    dict of keyword arguments, as :func:`qprep.prepare` takes them.
 
     Runs :func:`run_trials`: trial 1 on ``example_inputs``, trials ``2..trials`` on
     seeded random inputs of the same shapes and dtypes; eval mode, plus train mode with
@@ -169,7 +174,7 @@ def assert_equivalent(
     Returns the prepared model. Raises ``AssertionError`` with the verdict table (and each
     failing run's output table) when any run differs.
     """
-    args = _as_args(example_inputs)
+    args = _as_args(example_inputs, model)
     if prepared is None:
         from .prepare import prepare  # deferred: keeps this module light to import
 

@@ -106,3 +106,11 @@ def test_random_inputs_like():
     assert int(first[1].min()) >= 5 and int(first[1].max()) <= 9  # the range the example spans
     ranged = random_inputs_like(example, seed=1, int_range=(100, 103))[1]
     assert int(ranged.min()) >= 100 and int(ranged.max()) < 103
+
+
+def test_keyword_example_inputs():
+    torch.manual_seed(0)
+    model = DistillerBlock(4, 4).eval()
+    (x,) = model.example_inputs(batch=1, size=6)
+    gm = assert_equivalent(model, {"x": x}, trials=2)
+    assert torch.equal(gm(x), model(x))
