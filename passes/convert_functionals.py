@@ -37,7 +37,7 @@ from qprep.aliases import hide_aliases
 from qprep.analysis import mode_argument
 from qprep.config import PrepareConfig
 from qprep.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS, REQUIRED, BuildContext, Spec, Unconvertible
-from qprep.graph_utils import ModuleNamer, call_template, erase_unused_attrs, replace_with_module, resolve_attr, target_text, type_name
+from qprep.graph_utils import ModuleNamer, example_value, call_template, erase_unused_attrs, replace_with_module, resolve_attr, target_text, type_name
 from qprep.records import REWRITTEN, PassResult
 
 __all__ = ["convert_functionals", "handles", "WITHOUT_MODULE"]
@@ -119,9 +119,8 @@ def _has_node(value) -> bool:
 
 
 def _rank(value) -> int | None:
-    meta = value.meta.get("tensor_meta") if isinstance(value, torch.fx.Node) else None
-    shape = getattr(meta, "shape", None)
-    return len(shape) if shape is not None else None
+    seen = example_value(value) if isinstance(value, torch.fx.Node) else None
+    return len(seen["shape"]) if seen and seen["shape"] is not None else None
 
 
 def _build(gm, spec: Spec, node: torch.fx.Node) -> tuple:

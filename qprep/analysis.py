@@ -18,7 +18,6 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .records import NOTE, Change
 from ._provenance import record_change
@@ -61,10 +60,31 @@ def forked_rng():
 
 
 def record_types(gm: torch.fx.GraphModule, inputs: tuple) -> None:
-    """Run ``gm`` once on ``inputs`` and store each node's value type in ``meta["type"]``
-    and, for tensors, ``meta["tensor_meta"]`` (``torch.fx.passes.shape_prop``)."""
+    """Run ``gm`` once on ``inputs`` and store what each node produced in
+    ``meta["qprep"]["value"]``: its type, its shape if a tensor, and whether it holds
+    tensors (a tuple from ``torch.max(x, dim)``, a ``PackedSequence``)."""
     with preserved_state(gm), torch.no_grad(), forked_rng():
-        ShapeProp(gm).propagate(*_clone(inputs))
+        _ValueRecorder(gm).run(*_clone(inputs))
+
+
+class _ValueRecorder(torch.fx.Interpreter):
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        shape = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+        n.meta.setdefault("qprep", {})["value"] = {
+            "type": type(result), "shape": shape, "has_tensor": _has_tensor(result),
+        }
+        return result
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    return False
 
 
 def _clone(value: Any) -> Any:

@@ -17,6 +17,7 @@ from .modules.base import Input
 
 __all__ = [
     "produces_tensor",
+    "example_value",
     "ModuleNamer",
     "replace_with_module",
     "node_inputs",
@@ -37,9 +38,10 @@ _META_METHODS = frozenset({
 _META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout", "names"})
 
 
-def _example_type(node: torch.fx.Node) -> type | None:
-    """The type the node's value had when run on example inputs (``meta["type"]``)."""
-    return node.meta.get("type")
+def example_value(node: torch.fx.Node) -> dict | None:
+    """What the node produced on the example inputs (:func:`qprep.analysis.record_types`):
+    ``{"type", "shape", "has_tensor"}``, or ``None`` when no example inputs were run."""
+    return (node.meta.get("qprep") or {}).get("value")
 
 
 def produces_tensor(node: torch.fx.Node) -> bool:
@@ -49,13 +51,9 @@ def produces_tensor(node: torch.fx.Node) -> bool:
     else static rules: ``x.size(0) // 2`` is an int, ``x + 1`` is a tensor when ``x`` is.
     Unknown values count as tensors (wrapping an int op in a module is still exact).
     """
-    seen = _example_type(node)
+    seen = example_value(node)
     if seen is not None:
-        if issubclass(seen, torch.Tensor):
-            return True
-        if issubclass(seen, (tuple, list)):
-            return "tensor_meta" in node.meta and node.meta["tensor_meta"] is not None
-        return False
+        return seen["has_tensor"]
     return _static_tensor(node, {})
 
 
