@@ -23,7 +23,7 @@ META_KEY = "qprep"
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 
 
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
 
 
 def _frames(node: torch.fx.Node) -> list[tuple[str, int, str]]:
@@ -53,14 +53,14 @@ def source_location(node: torch.fx.Node) -> str:
     frame = _user_frame(node)
     if frame is None:
         return ""
-    return f"{_shown(frame[0])}:{frame[1]}"
+    return f"{_shown(frame[0], os.getcwd())}:{frame[1]}"
 
 
 @functools.lru_cache(maxsize=512)
-def _shown(file: str) -> str:
+def _shown(file: str, cwd: str) -> str:
     """A path relative to the working directory, unless that climbs two levels up."""
     try:
-        shown = os.path.relpath(file)
+        shown = os.path.relpath(file, cwd)
     except ValueError:  # another drive on Windows
         return file
     return file if shown.startswith(".." + os.sep + "..") else shown

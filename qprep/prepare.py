@@ -148,13 +148,14 @@ def _flip_modes(model: nn.Module) -> dict:
     return modes
 
 
-def _analyse(model: nn.Module, gm: torch.fx.GraphModule, config: PrepareConfig, args: tuple | None) -> list[Change]:
+def _analyse(model: nn.Module, gm: torch.fx.GraphModule, config: PrepareConfig, args: tuple | None,
+             fixed: dict) -> list[Change]:
     notes: list[Change] = []
     leaf_types = tuple(t for t in config.leaf_modules if isinstance(t, type))
     if has_mode_sensitive_calls(gm) or may_depend_on_mode(model, leaf_types):
         modes = _flip_modes(model)
         try:
-            flipped, _ = trace(model, config)
+            flipped, _ = trace(model, dataclasses.replace(config, concrete_args=fixed) if fixed else config)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -251,7 +252,7 @@ def prepare(
     args = _as_args(model, example_inputs)
     work = _working_copy(model, inplace)
     gm, trace_notes, fixed = _trace(work, config, args)
-    notes = _analyse(work, gm, config, args)
+    notes = _analyse(work, gm, config, args, fixed)
     before = snapshot(gm)
     results = run_pipeline(gm, config)
     restore_missing_state(work, gm)
@@ -285,8 +286,8 @@ def replay_passes(original: nn.Module, config: PrepareConfig, args: tuple, seed:
     """Re-prepare a copy of ``original`` pass by pass; name the first step after which it
     is no longer bitwise equal to ``original`` on ``args`` (``"trace"`` for the tracer)."""
     work = copy.deepcopy(original)
-    gm, _, _ = _trace(work, config, args)
-    _analyse(work, gm, config, args)
+    gm, _, fixed = _trace(work, config, args)
+    _analyse(work, gm, config, args, fixed)
     broken: list[str] = []
 
     def check(step: str, current: torch.fx.GraphModule) -> None:

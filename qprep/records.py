@@ -24,12 +24,13 @@ class Change:
         pass_name: the pass that made the record.
         action: :data:`REWRITTEN`, :data:`SKIPPED` or :data:`NOTE`.
         node: name of the node in the graph the pass received.
-        op: the op as the user wrote it, e.g. ``"out += identity"``, ``"F.sigmoid"``,
-            ``"self.relu (call 2)"``, ``"torch.cat"``.
+        op: the op: its callable or method (``"operator.iadd"``, ``"torch.cat"``,
+            ``"torch.nn.functional.relu"``, ``"Tensor.sigmoid"``) or, for a module call site,
+            ``"self.relu (2nd call)"``; ``code`` holds what the user wrote.
         target: the original target, as text (``"operator.iadd"``, ``"torch.nn.functional.relu"``,
             ``"relu"`` for a module); stable, for tools.
         location: ``path/to/file.py:LINE`` of the user's source line, or ``""`` when unknown.
-        code: the source line itself, stripped, or ``""``.
+        code: the user's source line, stripped (``"out += identity"``), or ``""``.
         module_name: qualified name of the module that now runs the op (rewrites), or of the
             module the record is about (notes).
         module_type: that module's class, as ``"qprep.modules.Add"`` or ``"torch.nn.ReLU"``.

@@ -28,7 +28,6 @@ import traceback
 import torch
 import torch.fx
 import torch.nn as nn
-from torch.fx.experimental.symbolic_shapes import uninteresting_files
 
 from ._compat import last_node
 from .config import PrepareConfig
@@ -38,9 +37,19 @@ __all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote"]
 
 _QPREP_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-# Frames never shown as a node's source: qprep's own and torch.fx's machinery.
-_SKIP_FRAMES = (_QPREP_DIR, os.path.join(_TORCH_DIR, "fx"), os.path.join(_TORCH_DIR, "nn", "modules", "module.py"))
-_UNINTERESTING = frozenset(uninteresting_files())
+# Frames never shown as a node's source: qprep's own machinery (not its examples) and
+# torch's call plumbing. Directory prefixes end in a separator: torch/ is not torchvision/.
+_SKIP_FRAMES = (
+    os.path.join(_QPREP_DIR, ""),
+    os.path.join(_TORCH_DIR, "fx", ""),
+    os.path.join(_TORCH_DIR, "nn", "modules", "module.py"),
+    os.path.join(_TORCH_DIR, "overrides.py"),
+    os.path.join(_TORCH_DIR, "__init__.py"),
+    os.path.join(_TORCH_DIR, "_compile.py"),
+    os.path.join(_TORCH_DIR, "_dynamo", ""),
+    os.path.join(_TORCH_DIR, "_jit_internal.py"),
+)
+_EXAMPLES = os.path.join(_QPREP_DIR, "examples.py")
 
 # torch.nn modules traced into (not leaves) when config.trace_compound_nn is on.
 COMPOUND_NN = (
@@ -101,9 +110,10 @@ class TraceNote:
 def _user_frame(tb) -> traceback.FrameSummary | None:
     """The innermost frame of the traceback that is user code (not torch, not qprep)."""
     frames = traceback.extract_tb(tb)
-    for skip in ((_TORCH_DIR, _QPREP_DIR), _SKIP_FRAMES):
+    for skip in ((os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, "")), _SKIP_FRAMES):
         for frame in reversed(frames):
-            if not os.path.abspath(frame.filename).startswith(skip):
+            path = os.path.abspath(frame.filename)
+            if not path.startswith(skip) or path == _EXAMPLES:
                 return frame
     return frames[-1] if frames else None
 
@@ -124,7 +134,7 @@ def _stack_text(depth: int) -> str:
     frame = sys._getframe(depth)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_FRAMES) and filename not in _UNINTERESTING:
+        if not filename.startswith(_SKIP_FRAMES) or filename == _EXAMPLES:
             frames.append((filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
     frames.reverse()

@@ -267,7 +267,10 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
     if not all(c.equal for c in checks + grads):
         return VerifyResult(False, checks, result.mode, "native kernels", grads=grads)
     bound = min(KERNEL_BOUNDS[f] for f in families)
-    diff = result.max_abs_diff
+    # The bound is on outputs. Gradients are bitwise equal on the native kernels (checked
+    # above); under the fused ones they differ more (summed over time steps and batch:
+    # up to 9.2e-5 on qprep.examples.TinyLSTMLM's bias gradients), shown, not bounded.
+    diff = max((o.max_abs_diff for o in result.outputs), default=0.0)
     return VerifyResult(diff <= bound, checks, result.mode, "native kernels (oneDNN / attention fast path off)",
                         kernel_diff=diff, kernel_bound=bound, grads=grads)
 

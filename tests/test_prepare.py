@@ -311,3 +311,19 @@ def test_keyword_example_inputs():
         qprep.prepare(model, {"y": x})
     with pytest.raises(qprep.InputError, match="requires"):
         qprep.prepare(model, {"bias": b})
+
+
+def test_specialised_argument_and_mode_following_dropout():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, scale: float = 2.0):
+            return torch.nn.functional.dropout(self.fc(x) * scale, 0.3, self.training)
+
+    model = Net().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert not [c for c in gm.meta["qprep"]["preparation"].changes if c.action == "note"]
+    assert isinstance(gm.get_submodule("dropout"), nn.Dropout)
+    assert qprep.verify(model, gm, torch.randn(3, 4), train=True).equal

@@ -76,9 +76,6 @@ def test_distiller_source_lines(distiller):
         "torch.cat": "out = torch.cat([identity, out], dim=1)",
         "Tensor.sigmoid": "out = F.sigmoid(out)",
     }
-    if not rows["operator.iadd"].location:
-        pytest.xfail("core bug: the tracer drops every stack frame under the qprep/ directory "
-                     "(tracer._SKIP_FRAMES), so models defined in qprep/examples.py get no source line")
     for op, code in expected.items():
         path, line = split_location(rows[op].location)
         assert pathlib.Path(path).resolve() == EXAMPLES_PY.resolve(), rows[op]
