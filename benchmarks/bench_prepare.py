@@ -65,20 +65,28 @@ def prepare_rows(models, repeats):
 
 
 def latency_rows(models, repeats):
+    """Calls alternate one by one (original, prepared, original, ...) so that drift in
+    clock speed and caches hits both alike; the ratio is the median of per-pair ratios."""
     torch.set_num_threads(1)
     rows = []
     for name, model, x in models:
         model.eval()
         gm = qprep.prepare(model, (x,))
+        fx = torch.fx.symbolic_trace(model)
+        times = {"original": [], "fx": [], "prepared": []}
         with torch.no_grad():
-            for _ in range(3):
-                model(x), gm(x)
-            a, b = [], []
-            for _ in range(repeats):  # interleaved, so drift hits both alike
-                a.append(_median(lambda: model(x), 3))
-                b.append(_median(lambda: gm(x), 3))
-        ta, tb = statistics.median(a), statistics.median(b)
-        rows.append([name, f"{ta * 1e3:.2f}", f"{tb * 1e3:.2f}", f"{tb / ta:.3f}x"])
+            for _ in range(5):
+                model(x), fx(x), gm(x)
+            for i in range(repeats * 10):
+                runs = [("original", model), ("fx", fx), ("prepared", gm)]
+                for key, fn in runs if i % 2 else runs[::-1]:
+                    start = time.perf_counter()
+                    fn(x)
+                    times[key].append(time.perf_counter() - start)
+        ratio = statistics.median(b / a for a, b in zip(times["original"], times["prepared"]))
+        fx_ratio = statistics.median(b / a for a, b in zip(times["original"], times["fx"]))
+        rows.append([name, f"{statistics.median(times['original']) * 1e3:.2f}",
+                     f"{statistics.median(times['prepared']) * 1e3:.2f}", f"{ratio:.3f}x", f"{fx_ratio:.3f}x"])
     return rows
 
 
@@ -87,7 +95,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else 7
-    depths = (2, 4) if args.quick else (8, 16, 32)
+    depths = (2, 4) if args.quick else (8, 16, 32, 64)
     torch.manual_seed(0)
     models = [(f"resnet-style, {d} blocks", TinyResNet(16, d), torch.randn(1, 3, 32, 32)) for d in depths]
     models += [(f"transformer-like, {d} blocks", Stack(d), torch.randn(1, 16, 32)) for d in depths]
@@ -98,7 +106,14 @@ def main(argv=None):
     print("forward latency, 1 thread, batch 1 (median of interleaved runs)")
     lat = [(f"resnet-style, {d} blocks", TinyResNet(32, d), torch.randn(1, 3, 64, 64)) for d in depths[:2]]
     lat += [(f"transformer-like, {d} blocks", Stack(d), torch.randn(1, 16, 32)) for d in depths[:1]]
-    print(tabulate(latency_rows(lat, repeats), headers=["model", "original ms", "prepared ms", "prepared/original"]))
+    try:
+        import torchvision
+
+        lat.append(("torchvision resnet18", torchvision.models.resnet18(weights=None), torch.randn(1, 3, 224, 224)))
+    except ImportError:
+        pass
+    print(tabulate(latency_rows(lat, repeats), headers=[
+        "model", "original ms", "prepared ms", "prepared/original", "plain fx/original"]))
 
 
 if __name__ == "__main__":

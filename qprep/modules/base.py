@@ -66,6 +66,25 @@ def _fill(value: Any, inputs: tuple) -> Any:
     return value
 
 
+_DIRECT, _FLAT, _PACK, _NESTED = "direct", "flat", "pack", "nested"
+
+
+def _plan(args: tuple | None, kwargs: dict) -> tuple[str, tuple]:
+    """How ``forward`` puts its inputs into the call, decided once: as they come
+    (``_DIRECT``), into top-level positions (``_FLAT``), as one list (``_PACK``, a wrapper
+    built directly for ``torch.cat``), or through nested containers (``_NESTED``)."""
+    if _has_slot(kwargs):
+        return _NESTED, ()
+    if args is None:
+        return _DIRECT, ()
+    if any(isinstance(a, (list, tuple, dict)) and _has_slot(a) for a in args):
+        return _NESTED, ()
+    slots = tuple((pos, a.index) for pos, a in enumerate(args) if isinstance(a, Input))
+    if len(slots) == len(args) and all(pos == index for pos, index in slots):
+        return _DIRECT, ()
+    return _FLAT, slots
+
+
 def describe_call(call: Callable | str) -> str:
     """``operator.iadd`` -> ``"operator.iadd"``, ``"add_"`` -> ``"Tensor.add_"``."""
     if isinstance(call, str):
@@ -110,19 +129,26 @@ class TensorOp(nn.Module):
         self.call = call
         self.args = tuple(args) if args is not None else None
         self.kwargs = {**(kwargs or {}), **constants}
-        self._filled = self.args is not None and (_has_slot(self.args) or _has_slot(self.kwargs))
+        self._plan, self._slots = _plan(self.args, self.kwargs)
+        if self.args is None and self.pack_inputs:
+            self._plan = _PACK
         self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
         #: the argument (keyword name or position) that is ``self.training`` at call time:
         #: ``F.dropout(x, p, training=self.training)`` keeps following ``.train()``/``.eval()``.
         self.mode_arg = mode_arg
 
     def forward(self, *inputs):
-        if self.args is None:
-            args, kwargs = ((list(inputs),) if self.pack_inputs else inputs), self.kwargs
-        elif self._filled:
-            args, kwargs = _fill(self.args, inputs), _fill(self.kwargs, inputs)
+        plan = self._plan
+        if plan == _DIRECT:
+            args, kwargs = inputs, self.kwargs
+        elif plan == _FLAT:
+            args, kwargs = list(self.args), self.kwargs
+            for position, index in self._slots:
+                args[position] = inputs[index]
+        elif plan == _PACK:
+            args, kwargs = (list(inputs),), self.kwargs
         else:
-            args, kwargs = self.args, self.kwargs
+            args, kwargs = _fill(self.args, inputs), _fill(self.kwargs, inputs)
         if self.mode_arg is not None:
             args, kwargs = self._with_mode(args, kwargs)
         call = self.call
