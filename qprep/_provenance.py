@@ -26,22 +26,31 @@ _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S
 _TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
 
 
-def _frames(node: torch.fx.Node) -> list[tuple[str, int, str]]:
+def _frames(node: torch.fx.Node) -> tuple[tuple[str, int, str], ...]:
     """``(file, line, code)`` for each frame of the node's recorded stack trace."""
-    lines = (node.meta.get("stack_trace") or "").splitlines()
+    return _parse_trace(node.meta.get("stack_trace") or "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_trace(text: str) -> tuple[tuple[str, int, str], ...]:
+    lines = text.splitlines()
     frames = []
     for i, text in enumerate(lines):
         match = _FRAME.search(text)
         if match:
             code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.search(lines[i + 1]) else ""
             frames.append((match["file"], int(match["line"]), code))
-    return frames
+    return tuple(frames)
 
 
 def _user_frame(node: torch.fx.Node) -> tuple[str, int, str] | None:
     """The innermost frame outside torch (the user's line), else the innermost frame:
     for ``F.sigmoid(x)``, traced inside torch as ``x.sigmoid()``, the user's call."""
-    frames = _frames(node)
+    return _user_frame_of(_frames(node))
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_frame_of(frames: tuple) -> tuple[str, int, str] | None:
     for frame in reversed(frames):
         if not os.path.abspath(frame[0]).startswith(_TORCH_DIR):
             return frame
