@@ -15,6 +15,7 @@ from .aliases import restore_missing_state
 from .analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, record_types
 from .config import PrepareConfig
 from .errors import InputError, NotEquivalentError, QprepError, TraceError
+from .inputs import as_positional
 from .pipeline import PIPELINE, pass_name, run_pipeline
 from .records import Change
 from .tracer import TraceNote, trace
@@ -56,44 +57,6 @@ def snapshot(gm: torch.fx.GraphModule) -> dict:
     modules = sum(1 for _ in gm.modules())
     params = sum(p.numel() for p in gm.parameters())
     return {"code": gm.code, "nodes": nodes, "modules": modules, "parameters": params}
-
-
-def _as_args(model: nn.Module, example_inputs: Any) -> tuple | None:
-    """Example inputs as a tuple of positional arguments. A dict is taken as keyword
-    arguments and put in ``forward``'s order, defaults filling the gaps before the last."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, dict):
-        return _keywords_in_order(model, example_inputs)
-    raise InputError(
-        "example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword "
-        f"arguments, got {type(example_inputs).__name__}"
-    )
-
-
-def _keywords_in_order(model: nn.Module, kwargs: dict) -> tuple:
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = [p.name for p in params]
-    unknown = set(kwargs) - set(names)
-    if unknown:
-        raise InputError(f"example_inputs names {sorted(unknown)}, which {type(model).__name__}.forward does not take")
-    last = max(names.index(k) for k in kwargs) if kwargs else -1
-    args = []
-    for p in params[: last + 1]:
-        if p.name in kwargs:
-            args.append(kwargs[p.name])
-        elif p.default is not p.empty:
-            args.append(p.default)
-        else:
-            raise InputError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward requires")
-    return tuple(args)
 
 
 def _defaults_after(model: nn.Module, given: int) -> dict[str, Any]:
@@ -249,7 +212,7 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise InputError(f"qprep.prepare() takes a torch.nn.Module, got {type(model).__name__}")
     config = _config(config, options)
-    args = _as_args(model, example_inputs)
+    args = None if example_inputs is None else as_positional(example_inputs, model)
     work = _working_copy(model, inplace)
     gm, trace_notes, fixed = _trace(work, config, args)
     notes = _analyse(work, gm, config, args, fixed)

@@ -16,6 +16,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 from .errors import InputError
+from .inputs import as_positional
 from .verify import VerifyResult, verify
 
 __all__ = ["assert_equivalent", "random_inputs_like", "run_trials", "Trial", "trials_table"]
@@ -82,20 +83,6 @@ def _tensor_like(t: torch.Tensor, g: torch.Generator, int_range: tuple[int, int]
     return out.to(t.device)
 
 
-def _as_args(inputs: Any, model: nn.Module | None = None) -> tuple:
-    if isinstance(inputs, dict) and model is not None:  # keyword arguments, as prepare() takes them
-        from .prepare import _as_args as positional  # deferred: prepare imports verify
-
-        return positional(model, inputs)
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    if isinstance(inputs, list):
-        return tuple(inputs)
-    if isinstance(inputs, tuple):
-        return inputs
-    raise InputError(f"example_inputs must be a tensor or a tuple of positional arguments, got {type(inputs).__name__}")
-
-
 def run_trials(
     original: nn.Module,
     prepared: nn.Module,
@@ -115,7 +102,7 @@ def run_trials(
     seed). ``progress(i, trials, mode)`` is called before each run."""
     if trials < 1:
         raise InputError(f"trials must be at least 1, got {trials}")
-    args = _as_args(example_inputs, original)
+    args = as_positional(example_inputs, original)
     modes = ("eval", "train") if train else ("eval",)
     runs = []
     for i in range(1, trials + 1):
@@ -174,7 +161,7 @@ def assert_equivalent(
     Returns the prepared model. Raises ``AssertionError`` with the verdict table (and each
     failing run's output table) when any run differs.
     """
-    args = _as_args(example_inputs, model)
+    args = as_positional(example_inputs, model)
     if prepared is None:
         from .prepare import prepare  # deferred: keeps this module light to import
 

@@ -26,6 +26,7 @@ from tabulate import tabulate
 
 from .analysis import _clone, forked_rng, preserved_state
 from .errors import InputError
+from .inputs import as_positional
 from .modules.rnn import ONEDNN_LSTM_ATOL
 
 __all__ = ["verify", "VerifyResult", "OutputCheck", "KERNEL_BOUNDS", "native_kernels"]
@@ -156,16 +157,6 @@ def _check(path: str, x: Any, y: Any) -> OutputCheck:
     return OutputCheck(path, equal, diff, tuple(x.shape), str(x.dtype).replace("torch.", ""))
 
 
-def _as_args(inputs: Any) -> tuple:
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,)
-    if isinstance(inputs, list):
-        return tuple(inputs)
-    if not isinstance(inputs, tuple):
-        raise InputError(f"inputs must be a tensor or a tuple of positional arguments, got {type(inputs).__name__}")
-    return inputs
-
-
 def _run(model: nn.Module, args: tuple, seed: int, params: list | None) -> tuple[Any, list]:
     """Run with a fixed RNG seed; with ``params`` (a list), also return the gradients of
     the sum of outputs w.r.t. the floating-point inputs and those parameters."""
@@ -235,7 +226,7 @@ def verify(
     """
     if not isinstance(original, nn.Module) or not isinstance(prepared, nn.Module):
         raise InputError("verify() compares two nn.Module instances")
-    args = _as_args(inputs)
+    args = as_positional(inputs, original)
     modes = (original.training, prepared.training)
     try:
         if train is not None:

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qprep import examples
+
 
 class _Call(nn.Module):
     def __init__(self, fn):
@@ -37,29 +39,11 @@ def positive(*shape, generator=None):
     return torch.rand(*shape, generator=generator) + 0.5
 
 
-class DistillerBlock(nn.Module):
-    """The example of Distiller's "Preparing a Model for Quantization"."""
+class DistillerBlock(examples.DistillerBlock):
+    """The Distiller example (its forward, in qprep/examples.py), on 3 channels."""
 
-    def __init__(self, in_ch=3, out_ch=3, kernel_size=3):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size, padding=1)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size, padding=1)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        out += identity
-        out = self.relu(out)
-        out = torch.cat([identity, out], dim=1)
-        out = F.sigmoid(out)
-        return out
+    def __init__(self):
+        super().__init__(3, 3, 3)
 
 
 class Aliasing(nn.Module):

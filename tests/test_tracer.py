@@ -17,12 +17,12 @@ def _line_of(text: str, path: str) -> int:
 
 
 def test_nodes_record_source_lines_and_scopes():
-    import tests.models as models_file
+    import qprep.examples as examples_file
 
     gm, _ = trace(nn.Sequential(DistillerBlock()))
     iadd = next(n for n in gm.graph.nodes if n.target is operator.iadd)
-    expected = _line_of("out += identity", models_file.__file__)
-    assert qprep._provenance.source_location(iadd).endswith(f"tests/models.py:{expected}")
+    expected = _line_of("out += identity", examples_file.__file__)
+    assert qprep._provenance.source_location(iadd).endswith(f"qprep/examples.py:{expected}")
     assert qprep._provenance.source_code(iadd) == "out += identity"
     assert qprep._provenance.module_scope(iadd) == "0"
 
