@@ -8,8 +8,9 @@ A :class:`Report` is built from the :class:`~qprep.records.Change` records the p
 returned (``Preparation.changes``), the tracer's notes, the snapshot of the traced graph
 before the passes (``Preparation.before``) and a snapshot of the prepared graph
 (:func:`qprep.prepare.snapshot`). Nothing is re-parsed from code. The renderings:
-:meth:`Report.text`, :meth:`Report.markdown`, :meth:`Report.html` (one self-contained file),
-:meth:`Report.json` / :meth:`Report.as_dict` and :meth:`Report.code_diff`.
+:meth:`Report.text`, :meth:`Report.markdown`, :meth:`Report.html` (one self-contained file,
+rendered by :mod:`qprep.report_html`), :meth:`Report.json` / :meth:`Report.as_dict` and
+:meth:`Report.code_diff`.
 
 JSON schema ``qprep.report/1`` (the JSON Schema document is ``qprep/report_schema.json``,
 :func:`json_schema` loads it, :func:`validate` checks a document). Fields of the
@@ -58,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import html
 import json
 import math
 import os
@@ -473,7 +473,9 @@ class Report:
 
     def html(self) -> str:
         """One self-contained HTML file (inline CSS and JS, no network access)."""
-        return _render_html(self)
+        from .report_html import render
+
+        return render(self)
 
     def write(self, path: str | os.PathLike) -> pathlib.Path:
         """Write the report; the format follows the suffix: .html, .md, .json or .txt."""
@@ -501,230 +503,3 @@ def _md_table(headers: list, rows: list, code_cols: set = frozenset()) -> str:
     lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_md_cell(v, i in code_cols) for i, v in enumerate(row)) + " |" for row in rows]
     return "\n".join(lines)
-
-
-# -- HTML ---------------------------------------------------------------------------------
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
-header{background:#24292f;color:#fff;padding:14px 24px;display:flex;gap:18px;align-items:center;flex-wrap:wrap}
-header h1{font-size:20px;margin:0;font-weight:600}
-.badge{padding:3px 10px;border-radius:12px;font-weight:700;font-size:13px}
-.EQUIVALENT{background:#1a7f37;color:#fff}.NOT-EQUIVALENT{background:#cf222e;color:#fff}.NOT-VERIFIED{background:#8c959f;color:#fff}
-.stat{font-size:13px;color:#d0d7de}.stat b{color:#fff}
-header nav{margin-left:auto;display:flex;gap:12px}header nav a{color:#d0d7de;font-size:13px}
-main{padding:12px 24px 40px}
-section{background:#fff;border:1px solid #d0d7de;border-radius:6px;margin:14px 0;padding:10px 16px}
-h2{font-size:16px;margin:4px 0 10px}
-table{border-collapse:collapse;width:100%;font-size:13px}
-th,td{border-bottom:1px solid #eaeef2;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f6f8fa;font-weight:600}
-tr.pick{cursor:pointer}tr.pick:hover{background:#fff8c5}
-code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
-.graphs{display:grid;grid-template-columns:1fr 1fr;gap:16px}
-.graphs h3{margin:2px 0 8px;font-size:14px}
-.scope{border:1px dashed #8c959f;border-radius:6px;padding:4px 6px 6px;margin:6px 0}
-.scope>.label{font-size:12px;color:#57606a;font-family:ui-monospace,monospace}
-.node{border:1px solid #d0d7de;border-left:4px solid #d0d7de;border-radius:4px;padding:3px 8px;margin:4px 0;background:#fff}
-.node .head{display:flex;gap:8px;align-items:baseline;flex-wrap:wrap}
-.node .name{font-weight:600;font-family:ui-monospace,monospace}
-.node .kind{font-size:11px;color:#57606a;margin-left:auto}
-.node .where,.node .why{font-size:12px;color:#57606a;overflow-wrap:anywhere}
-.node.rewritten{border-left-color:#bf3989;background:#ffeff7}
-.node.new{border-left-color:#1a7f37;background:#dafbe1}
-.node.left_alone{border-left-color:#9a6700;background:#fff8c5}
-.node.flash{outline:3px solid #0969da}
-.legend span{display:inline-block;padding:1px 8px;margin-right:8px;border-radius:3px;font-size:12px}
-a{color:#0969da;text-decoration:none}a:hover{text-decoration:underline}
-pre.diff{background:#f6f8fa;padding:8px;overflow:auto;font-size:12.5px;line-height:1.35}
-pre.diff .add{background:#dafbe1;display:block}pre.diff .del{background:#ffebe9;display:block}
-pre.diff .hunk{color:#8250df;display:block}pre.diff .ctx{display:block}
-.flag{color:#cf222e;font-weight:700}.ok{color:#1a7f37;font-weight:600}
-.muted{color:#57606a}
-ul.tree{margin:2px 0;padding-left:14px;list-style:none;font-size:11.5px;line-height:1.3}
-"""
-
-_JS = """
-function pair(id){return id?document.getElementById(id):null}
-function flash(ids){document.querySelectorAll('.flash').forEach(e=>e.classList.remove('flash'));
- ids.forEach(function(id){var e=pair(id);if(e){e.classList.add('flash');e.scrollIntoView({block:'center'});}});}
-document.querySelectorAll('[data-pair]').forEach(function(el){
- el.addEventListener('mouseenter',function(){var p=pair(el.dataset.pair);if(p)p.classList.add('flash');});
- el.addEventListener('mouseleave',function(){var p=pair(el.dataset.pair);if(p)p.classList.remove('flash');});});
-document.querySelectorAll('tr.pick').forEach(function(tr){
- tr.addEventListener('click',function(ev){if(ev.target.tagName==='A')return;flash([tr.dataset.before,tr.dataset.after]);});});
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _loc_link(location: str) -> str:
-    if not location:
-        return '<span class="muted">?</span>'
-    uri = source_uri(location)
-    return f'<a class="mono" href="{_e(uri)}" title="{_e(location)}">{_e(location)}</a>' if uri else _e(location)
-
-
-def _node_id(side: str, name: str | None) -> str:
-    return f"{side}-{name}" if name else ""
-
-
-def _scope_parts(scope: str) -> list[str]:
-    parts = scope.split(".") if scope else []
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def _call_text(n: dict) -> str:
-    """``= self.add(bn2, x)``: what the node computes, from which nodes."""
-    args = ", ".join(n["args"])
-    if n["op"] == "placeholder":
-        return "input"
-    if n["op"] == "output":
-        return f"return {args}"
-    if n["op"] == "get_attr":
-        return f"= self.{n['target']}"
-    if n["op"] == "call_module":
-        return f"= self.{n['target']}({args})"
-    return f"= {n['target']}({args})"
-
-
-def _html_graph(report: Report, snap: dict, side: str, status: dict, links: dict) -> str:
-    """Nodes as boxes, nested in dashed boxes by the module scope that made them; the
-    submodules of new modules listed (open when they are few in all)."""
-    out, open_scopes = [], []
-    report_small = sum(len(v) for v in report.submodules.values()) <= 40
-    for n in snap["nodes"]:
-        want = _scope_parts(n["scope"])
-        while open_scopes and open_scopes != want[: len(open_scopes)]:
-            open_scopes.pop()
-            out.append("</div>")
-        for part in want[len(open_scopes):]:
-            open_scopes.append(part)
-            out.append(f'<div class="scope"><div class="label">{_e(part)}</div>')
-        state = status.get(n["name"]) or ""
-        change, partner = links.get(n["name"], (None, ""))
-        kind = n["op"] if n["op"] != "call_module" else f'{n["module_type"]}'
-        why = ""
-        if change is not None and state == "rewritten":
-            why = f'{_e(change.pass_name)} → <code>{_e(change.module_name)}</code> ({_e(change.module_type)})'
-        elif change is not None and state == "new":
-            why = f'new: {_e(change.module_type)}, by {_e(change.pass_name)}, from <code>{_e(change.op)}</code>'
-            inner = report.submodules.get(change.module_name, [])
-            if inner:
-                items = "".join(
-                    f'<li style="padding-left:{14 * name.count(".")}px"><code>{_e(name.rpartition(".")[2])}</code> '
-                    f'<span class="muted">{_e(kind.rpartition(".")[2])}</span></li>' for name, kind in inner)
-                why += f'<details{" open" if report_small else ""}><summary>{len(inner)} submodules</summary><ul class="tree">{items}</ul></details>'
-        elif change is not None:
-            why = f'left alone by {_e(change.pass_name)}: {_e(change.reason)}'
-        attrs = f' data-pair="{_e(partner)}"' if partner else ""
-        title = f' title="{_e(change.code)}"' if change is not None and change.code else ""
-        out.append(
-            f'<div class="node {state}" id="{_e(_node_id(side, n["name"]))}" data-status="{state}"{attrs}{title}>'
-            f'<div class="head"><span class="name">{_e(n["name"])}</span><code>{_e(_call_text(n))}</code>'
-            f'<span class="kind">{_e(kind)}</span></div>'
-            + (f'<div class="where">{_loc_link(n["location"])}</div>' if n["location"] else "")
-            + (f'<div class="why">{why}</div>' if why else "") + "</div>"
-        )
-    out.extend("</div>" for _ in open_scopes)
-    return "\n".join(out)
-
-
-def _html_table(headers: list, rows: list, *, loc_col: int | None = None, code_cols: tuple = (),
-                row_attrs: list | None = None) -> str:
-    if not rows:
-        return '<p class="muted">none</p>'
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = []
-    for i, row in enumerate(rows):
-        cells = []
-        for j, value in enumerate(row):
-            if j == loc_col:
-                cells.append(f"<td>{_loc_link(value if value != '?' else '')}</td>")
-            elif j in code_cols and value != "":
-                cells.append(f"<td><code>{_e(value)}</code></td>")
-            else:
-                cells.append(f"<td>{_e(value)}</td>")
-        attrs = row_attrs[i] if row_attrs else ""
-        body.append(f"<tr{attrs}>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _html_diff(text: str) -> str:
-    lines = []
-    for line in text.splitlines():
-        cls = "add" if line.startswith("+") and not line.startswith("+++") else \
-              "del" if line.startswith("-") and not line.startswith("---") else \
-              "hunk" if line.startswith("@@") else ""
-        lines.append(f'<span class="{cls or "ctx"}">{_e(line) or " "}</span>')
-    return '<pre class="diff">' + "".join(lines) + "</pre>"
-
-
-def _render_html(report: Report) -> str:
-    tables = report._rows("html")  # noqa: SLF001  (same rows as the text report)
-    status_before, status_after = report._status()  # noqa: SLF001
-    links_before, links_after = {}, {}
-    for c in report.rewrites:
-        after = report.after_node(c)
-        links_before[c.node] = (c, _node_id("after", after))
-        if after:
-            links_after[after] = (c, _node_id("before", c.node))
-    for c in report.left_alone:
-        links_before.setdefault(c.node, (c, _node_id("after", c.node) if c.node in status_after else ""))
-        if c.node in status_after:
-            links_after.setdefault(c.node, (c, _node_id("before", c.node)))
-    rewrite_attrs = [f' class="pick" data-before="{_e(_node_id("before", c.node))}"'
-                     f' data-after="{_e(_node_id("after", report.after_node(c)))}"' for c in report.rewrites]
-    skipped_attrs = [f' class="pick" data-before="{_e(_node_id("before", c.node))}" data-after=""'
-                     for c in report.left_alone]
-    summary = report.summary()
-    p = summary["parameters"]
-    params = (f'<span class="ok">unchanged</span>' if p["unchanged"]
-              else '<span class="flag">DIFFERENT: preparation must not change the weights</span>')
-    v = report.preparation.verification
-    verify_html = f"<p>{_e(report._verdict_line())}</p>"  # noqa: SLF001
-    if v is not None:
-        rows = [(o.path, "yes" if o.equal else "NO", _fmt(o.max_abs_diff), "x".join(map(str, o.shape)), o.dtype, o.note)
-                for o in v.outputs + v.grads]
-        verify_html += _html_table(["output", "bitwise equal", "max abs diff", "shape", "dtype", "note"], rows)
-    verdict_cls = report.verdict.replace(" ", "-")
-    specialised = "".join(f"<p>Specialised at trace time: <code>{_e(k)}={_e(val)}</code></p>"
-                          for k, val in summary["specialised"].items())
-    sections = [
-        f'<section id="rewrites"><h2>Rewritten ({len(tables["rewrites"][1])})</h2>'
-        f'<p class="muted">Click a row to show its nodes in the graphs below.</p>'
-        + _html_table(*tables["rewrites"], loc_col=2, code_cols=(0, 1, 4), row_attrs=rewrite_attrs) + "</section>",
-        f'<section id="graphs"><h2>Graph</h2><p class="legend">'
-        f'<span class="node rewritten">rewritten</span><span class="node new">new module call</span>'
-        f'<span class="node left_alone">left alone</span> Hover a highlighted node to see its counterpart.</p>'
-        f'<div class="graphs"><div><h3>Before: traced, {report.before["modules"]} modules</h3>'
-        + _html_graph(report, report.before, "before", status_before, links_before)
-        + f'</div><div><h3>After: prepared, {report.after["modules"]} modules</h3>'
-        + _html_graph(report, report.after, "after", status_after, links_after)
-        + "</div></div></section>",
-        f'<section id="left-alone"><h2>Left alone ({len(tables["left_alone"][1])})</h2>'
-        + _html_table(*tables["left_alone"], loc_col=2, code_cols=(0, 1), row_attrs=skipped_attrs) + "</section>",
-        f'<section id="notes"><h2>Notes ({len(tables["notes"][1])})</h2>'
-        + _html_table(*tables["notes"], loc_col=1, code_cols=(0,)) + "</section>",
-        '<section id="summary"><h2>Summary</h2>' + _html_table(*tables["passes"])
-        + f'<p>Modules: {summary["modules"]["before"]} → {summary["modules"]["after"]}. '
-          f'Parameters: {p["before"]} → {p["after"]} ({params}).</p>{specialised}</section>',
-        f'<section id="verification"><h2>Verification</h2>{verify_html}</section>',
-        f'<section id="code-diff"><h2>Generated <code>forward</code>: before → after</h2>'
-        + _html_diff(report.code_diff()) + "</section>",
-    ]
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{_e(report._title())}</title><style>{_CSS}</style></head><body>"  # noqa: SLF001
-        f"<header><h1>{_e(report._title())}</h1>"  # noqa: SLF001
-        f'<span class="badge {verdict_cls}" id="verdict">{_e(report.verdict)}</span>'
-        f'<span class="stat"><b>{len(report.rewrites)}</b> rewritten · <b>{len(report.left_alone)}</b> left alone · '
-        f'<b>{len(report.notes)}</b> notes · modules <b>{summary["modules"]["before"]} → {summary["modules"]["after"]}</b>'
-        f' · parameters <b>{p["before"]} → {p["after"]}</b></span><nav>'
-        + "".join(f'<a href="#{anchor}">{label}</a>' for anchor, label in (
-            ("rewrites", "rewritten"), ("graphs", "graph"), ("left-alone", "left alone"), ("notes", "notes"),
-            ("summary", "summary"), ("verification", "verification"), ("code-diff", "code diff")))
-        + "</nav></header>"
-        f"<main>{''.join(sections)}</main><script>{_JS}</script></body></html>"
-    )
