@@ -77,20 +77,21 @@ def restore_missing_state(original: nn.Module, prepared: nn.Module) -> list[str]
         path = key.split(".")
         target, source = prepared, original
         for i, part in enumerate(path[:-1]):
-            child = source._modules.get(part) if isinstance(source, nn.Module) else None
+            child = source._modules.get(part)
             if child is None:
                 break
             if part not in target._modules:
                 setattr(target, part, child)  # the whole original submodule, same object
-                attached.append(".".join(path[: i + 1]))
+                name = ".".join(path[: i + 1])
+                attached.append(name)
+                have.update(f"{name}.{k}" for k in child.state_dict(keep_vars=True))
                 break
             target, source = target._modules[part], child
         else:
-            name = path[-1]
             if isinstance(value, nn.Parameter):
-                target.register_parameter(name, value)
+                target.register_parameter(path[-1], value)
             else:
-                target.register_buffer(name, value, persistent=True)
+                target.register_buffer(path[-1], value, persistent=True)
             attached.append(key)
-        have = set(prepared.state_dict(keep_vars=True)) if attached else have
+            have.add(key)
     return attached

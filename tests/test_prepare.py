@@ -327,3 +327,21 @@ def test_specialised_argument_and_mode_following_dropout():
     assert not [c for c in gm.meta["qprep"]["preparation"].changes if c.action == "note"]
     assert isinstance(gm.get_submodule("dropout"), nn.Dropout)
     assert qprep.verify(model, gm, torch.randn(3, 4), train=True).equal
+
+
+def test_unused_parameters_and_modules_keep_their_state_dict_keys():
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.unused = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+            self.spare = nn.Parameter(torch.ones(3))
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Partial()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert list(gm.state_dict()) == list(model.state_dict())
+    gm.load_state_dict(Partial().state_dict(), strict=True)
