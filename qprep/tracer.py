@@ -18,6 +18,8 @@ Differences from ``torch.fx.symbolic_trace``:
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import dataclasses
 import linecache
 import operator
@@ -276,6 +278,26 @@ def _module_aliases(root: nn.Module) -> dict[str, list[str]]:
     return aliases
 
 
+_BUILTIN_LEN = builtins.len
+
+
+def _traced_len(obj):
+    """``len`` during tracing: recorded as a call on a traced value (``n = len(x)``), the
+    builtin otherwise (``len(self.layers)``)."""
+    if isinstance(obj, torch.fx.Proxy):
+        return obj.tracer.create_proxy("call_function", _BUILTIN_LEN, (obj,), {})
+    return _BUILTIN_LEN(obj)
+
+
+@contextlib.contextmanager
+def _tracing_len():
+    builtins.len = _traced_len
+    try:
+        yield
+    finally:
+        builtins.len = _BUILTIN_LEN
+
+
 def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.fx.GraphModule, list[TraceNote]]:
     """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
 
@@ -291,7 +313,8 @@ def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.
         # Trace the math path of nn.MultiheadAttention / nn.Transformer* (the fused fast
         # path is one opaque kernel); verification measures the difference to it.
         torch.backends.mha.set_fastpath_enabled(False)
-        graph = tracer.trace(model, concrete_args=config.concrete_args)
+        with _tracing_len():
+            graph = tracer.trace(model, concrete_args=config.concrete_args)
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001  (a failure in the root forward)

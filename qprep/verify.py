@@ -167,7 +167,9 @@ def _run(model: nn.Module, args: tuple, seed: int, params: list | None) -> tuple
             with torch.no_grad():
                 return model(*args), []
         leaves = [a.requires_grad_() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-        out = model(*args)
+        # The model gets a copy of each leaf: a forward that updates its input in place
+        # (x.add_(y)) may not do so on a leaf that requires grad.
+        out = model(*(a.clone() if any(a is leaf for leaf in leaves) else a for a in args))
     tensors = [t for _, t in _walk(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not tensors:
         return out, []

@@ -140,3 +140,15 @@ def test_root_untraceable_error_names_line():
 def test_trace_rejects_non_module():
     with pytest.raises(qprep.InputError):
         trace(lambda x: x)
+
+
+def test_len_of_a_traced_tensor_is_recorded():
+    class M(nn.Module):
+        def forward(self, x):
+            return x.view(len(x), -1) * 2
+
+    model = M()
+    gm = qprep.prepare(model, (torch.randn(2, 3, 4),))
+    assert len in [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert qprep.verify(model, gm, torch.randn(5, 3, 2)).equal
+    assert len([1, 2]) == 2  # the builtin is restored after tracing

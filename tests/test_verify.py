@@ -68,3 +68,15 @@ def test_inputs_modified_in_place_do_not_leak_between_runs():
     x = torch.zeros(2)
     assert qprep.verify(model, gm, x).equal
     assert torch.equal(x, torch.zeros(2))
+
+
+def test_gradients_through_a_forward_that_updates_its_input_in_place():
+    class Mutates(nn.Module):
+        def forward(self, x, y):
+            x.add_(y)
+            return x * y
+
+    model = Mutates()
+    gm = qprep.prepare(model, (torch.randn(3), torch.randn(3)))
+    result = qprep.verify(model, gm, (torch.randn(3), torch.randn(3)), grad=True)
+    assert result.equal and len(result.grads) == 2
