@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import functools
 import linecache
 import operator
 import os
@@ -289,13 +290,45 @@ def _traced_len(obj):
     return _BUILTIN_LEN(obj)
 
 
+# Tensor factories torch.fx cannot record when a size is traced (``torch.ones(t, t)``,
+# ``torch.full((t, t), 0.0)``: its argument parser rejects the Proxy).
+_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "randint", "eye")
+
+
+def _has_proxy(value) -> bool:
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_proxy(v) for v in value)
+    return False
+
+
+def _traced_factory(fn):
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        proxy = next((a for a in (*args, *kwargs.values()) if _has_proxy(a)), None)
+        if proxy is None:
+            return fn(*args, **kwargs)
+        while not isinstance(proxy, torch.fx.Proxy):
+            proxy = next(p for p in proxy if _has_proxy(p))
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+    return factory
+
+
 @contextlib.contextmanager
-def _tracing_len():
+def _tracing_builtins():
+    """While tracing: ``len`` and the tensor factories record traced sizes."""
+    saved = {name: getattr(torch, name) for name in _FACTORIES}
     builtins.len = _traced_len
+    for name, fn in saved.items():
+        setattr(torch, name, _traced_factory(fn))
     try:
         yield
     finally:
         builtins.len = _BUILTIN_LEN
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
 
 
 def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.fx.GraphModule, list[TraceNote]]:
@@ -313,7 +346,7 @@ def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.
         # Trace the math path of nn.MultiheadAttention / nn.Transformer* (the fused fast
         # path is one opaque kernel); verification measures the difference to it.
         torch.backends.mha.set_fastpath_enabled(False)
-        with _tracing_len():
+        with _tracing_builtins():
             graph = tracer.trace(model, concrete_args=config.concrete_args)
     except TraceError:
         raise

@@ -152,3 +152,17 @@ def test_len_of_a_traced_tensor_is_recorded():
     assert len in [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert qprep.verify(model, gm, torch.randn(5, 3, 2)).equal
     assert len([1, 2]) == 2  # the builtin is restored after tracing
+
+
+def test_factories_with_traced_sizes_are_recorded():
+    ones = torch.ones
+
+    class M(nn.Module):
+        def forward(self, x):
+            t = x.size(1)
+            return x * torch.ones(t, t).tril() + torch.full((t, t), 0.5)
+
+    model = M()
+    gm = qprep.prepare(model, (torch.randn(2, 3, 3),))
+    assert qprep.verify(model, gm, torch.randn(4, 5, 5)).equal
+    assert torch.ones is ones  # restored after tracing
