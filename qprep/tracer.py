@@ -158,6 +158,7 @@ class QprepTracer(torch.fx.Tracer):
 
     def __init__(self, config: PrepareConfig | None = None):
         super().__init__(param_shapes_constant=False)
+        self.proxy_buffer_attributes = True  # buffers are graph values: `self.ids[:, :n]` traces
         self.config = config or PrepareConfig()
         self.notes: list[TraceNote] = []
         self._leaf_types = tuple(t for t in self.config.leaf_modules if isinstance(t, type))

@@ -166,3 +166,18 @@ def test_factories_with_traced_sizes_are_recorded():
     gm = qprep.prepare(model, (torch.randn(2, 3, 3),))
     assert qprep.verify(model, gm, torch.randn(4, 5, 5)).equal
     assert torch.ones is ones  # restored after tracing
+
+
+def test_buffers_sliced_by_traced_sizes():
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("ids", torch.arange(16).unsqueeze(0))
+            self.emb = nn.Embedding(16, 4)
+
+        def forward(self, x):
+            return x + self.emb(self.ids[:, : x.size(1)])
+
+    model = Positions()
+    gm = qprep.prepare(model, (torch.randn(2, 5, 4),))
+    assert qprep.verify(model, gm, torch.randn(3, 7, 4)).equal
