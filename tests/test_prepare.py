@@ -345,3 +345,27 @@ def test_unused_parameters_and_modules_keep_their_state_dict_keys():
     gm = qprep.prepare(model, (torch.randn(2, 4),))
     assert list(gm.state_dict()) == list(model.state_dict())
     gm.load_state_dict(Partial().state_dict(), strict=True)
+
+
+def test_unsupported_op_is_reported_and_strict_raises():
+    class TopK(nn.Module):
+        def forward(self, x):
+            return torch.topk(x * 2, 2).values
+
+    model = TopK()
+    gm = qprep.prepare(model, (torch.randn(3, 5),))
+    skipped = [c for c in gm.meta["qprep"]["preparation"].changes if c.action == "skipped"]
+    assert [c.op for c in skipped if "unsupported" in c.reason] == ["torch.topk"]
+    assert "test_prepare.py" in skipped[0].location
+    assert qprep.verify(model, gm, torch.randn(4, 5)).equal
+    with pytest.raises(qprep.RewriteError, match="torch.topk"):
+        qprep.prepare(model, (torch.randn(3, 5),), strict=True)
+
+
+def test_pass_failure_names_the_pass(monkeypatch):
+    def broken(gm, config):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(qprep.pipeline, "PIPELINE", (qprep.pipeline.PIPELINE[0], qprep.pipeline.PIPELINE[1], broken))
+    with pytest.raises(qprep.PassError, match=r"pass broken failed after \[expand_rnns, convert_functionals\]: ValueError: boom"):
+        qprep.pipeline.run_pipeline(qprep.tracer.trace(DistillerBlock())[0], qprep.PrepareConfig())
