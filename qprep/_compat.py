@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-__all__ = ["last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed"]
+__all__ = [
+    "last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed",
+    "canonical_mask", "none_or_dtype", "detect_is_causal_mask",
+]
 
 
 def last_node(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -60,3 +63,23 @@ def plain_calls_allowed() -> bool:
         or hooks._global_forward_hooks or hooks._global_forward_pre_hooks  # noqa: SLF001
         or hooks._global_backward_hooks or hooks._global_backward_pre_hooks  # noqa: SLF001
     )
+
+
+def canonical_mask(**kwargs):
+    """``torch.nn.functional._canonical_mask``: a bool mask as the float mask attention adds."""
+    import torch.nn.functional as F
+
+    return F._canonical_mask(**kwargs)  # noqa: SLF001
+
+
+def none_or_dtype(value):
+    import torch.nn.functional as F
+
+    return F._none_or_dtype(value)  # noqa: SLF001
+
+
+def detect_is_causal_mask(mask, is_causal, size):
+    """``torch.nn.modules.transformer._detect_is_causal_mask``."""
+    from torch.nn.modules import transformer
+
+    return transformer._detect_is_causal_mask(mask, is_causal, size)  # noqa: SLF001

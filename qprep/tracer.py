@@ -33,6 +33,7 @@ import torch.fx
 import torch.nn as nn
 
 from ._compat import last_node
+from .compound import TRACEABLE_FORWARDS
 from .config import PrepareConfig
 from .errors import InputError, TraceError
 
@@ -200,6 +201,8 @@ class QprepTracer(torch.fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         mark = last_node(self.graph)
         stack = dict(self.module_stack)
+        if self.config.trace_compound_nn and type(m) in TRACEABLE_FORWARDS:
+            forward = functools.partial(TRACEABLE_FORWARDS[type(m)], m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except TraceError as exc:

@@ -32,7 +32,7 @@ from .modules.rnn import ONEDNN_LSTM_ATOL
 __all__ = ["verify", "VerifyResult", "OutputCheck", "KERNEL_BOUNDS", "native_kernels"]
 
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
-_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder)
 
 #: Largest max-abs difference accepted against the fused kernels, per family: a little
 #: above the largest measured (oneDNN LSTM 5.4e-7; SDPA flash 9.5e-7, MHA fast path

@@ -85,6 +85,30 @@ def test_compound_transformer_layer_is_traced_into():
     assert qprep.verify(model, gm, torch.randn(3, 4, 16), train=True).equal
 
 
+def test_transformer_encoder_decoder_and_transformer_are_traced_into():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+            self.t = nn.Transformer(16, 2, 1, 1, 32, batch_first=True)
+
+        def forward(self, x, y):
+            mask = nn.Transformer.generate_square_subsequent_mask(y.size(1))
+            return self.t(self.enc(x) * 2, y, tgt_mask=mask, tgt_is_causal=True)
+
+    model = M().eval()
+    inputs = (torch.randn(2, 5, 16), torch.randn(2, 4, 16))
+    gm = qprep.prepare(model, inputs)
+    assert gm.meta["qprep"]["preparation"].trace_notes == ()
+    names = {n for n, _ in gm.named_modules()}
+    assert {"enc.layers.0.linear1", "t.decoder.layers.0.multihead_attn", "t.encoder.layers.0.add"} <= names
+    assert isinstance(gm.get_submodule("enc.layers.1.self_attn"), qprep.modules.ModularMultiheadAttention)
+    fresh = (torch.randn(3, 6, 16), torch.randn(3, 3, 16))
+    assert qprep.verify(model, gm, fresh).equal
+    assert qprep.verify(model, gm, fresh, train=True).equal
+
+
 def test_untraceable_compound_module_kept_opaque_with_note():
     class M(nn.Module):
         def __init__(self):
@@ -92,15 +116,16 @@ def test_untraceable_compound_module_kept_opaque_with_note():
             layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
             self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
-        def forward(self, x):
-            return self.enc(x) * 2
+        def forward(self, x, mask):
+            return self.enc(x, mask=mask) * 2  # is_causal=None: torch compares the mask's values
 
     model = M().eval()
-    gm = qprep.prepare(model, (torch.randn(2, 5, 16),))
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    gm = qprep.prepare(model, (torch.randn(2, 5, 16), mask))
     notes = gm.meta["qprep"]["preparation"].trace_notes
     assert [n.module for n in notes] == ["enc"] and notes[0].module_type == "TransformerEncoder"
     assert "enc" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    assert qprep.verify(model, gm, torch.randn(2, 5, 16)).equal
+    assert qprep.verify(model, gm, (torch.randn(2, 5, 16), mask)).equal
 
 
 def test_untraceable_leaf_mode_keeps_rest_prepared():
