@@ -159,14 +159,11 @@ def _working_copy(model: nn.Module, inplace: bool) -> nn.Module:
 
 
 def _config(config: PrepareConfig | None, options: dict) -> PrepareConfig:
-    if config is not None and options:
-        return dataclasses.replace(config, **options)
-    if config is not None:
-        if not isinstance(config, PrepareConfig):
-            raise InputError(f"config must be a qprep.PrepareConfig, got {type(config).__name__}")
-        return config
+    """``config`` with ``options`` (its field names) applied on top."""
+    if config is not None and not isinstance(config, PrepareConfig):
+        raise InputError(f"config must be a qprep.PrepareConfig, got {type(config).__name__}")
     try:
-        return PrepareConfig(**options)
+        return dataclasses.replace(config, **options) if config is not None else PrepareConfig(**options)
     except TypeError as exc:
         raise InputError(f"unknown prepare() option: {exc}") from exc
 
@@ -188,7 +185,8 @@ def prepare(
 
     Args:
         model: the ``nn.Module`` to prepare. It is not modified (unless ``inplace``).
-        example_inputs: a tensor or a tuple of positional arguments. With them, qprep learns
+        example_inputs: a tensor, a tuple of positional arguments or a dict of keyword
+            arguments. With them, qprep learns
             which values are tensors (shape arithmetic stays plain Python) and input ranks,
             and verifies the result bitwise (``check``).
         config: a :class:`PrepareConfig`; or pass its fields as keyword ``options``

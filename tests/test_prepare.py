@@ -369,3 +369,15 @@ def test_pass_failure_names_the_pass(monkeypatch):
     monkeypatch.setattr(qprep.pipeline, "PIPELINE", (qprep.pipeline.PIPELINE[0], qprep.pipeline.PIPELINE[1], broken))
     with pytest.raises(qprep.PassError, match=r"pass broken failed after \[expand_rnns, convert_functionals\]: ValueError: boom"):
         qprep.pipeline.run_pipeline(qprep.tracer.trace(DistillerBlock())[0], qprep.PrepareConfig())
+
+
+def test_config_object_and_options_combine():
+    config = qprep.PrepareConfig(expand_rnns=False)
+    gm = qprep.prepare(DistillerBlock(), (torch.randn(1, 3, 8, 8),), config=config, strict=True)
+    assert gm.meta["qprep"]["preparation"].config == qprep.PrepareConfig(expand_rnns=False, strict=True)
+    with pytest.raises(qprep.InputError, match="unknown prepare"):
+        qprep.prepare(DistillerBlock(), config=config, bogus=1)
+    with pytest.raises(qprep.InputError, match="PrepareConfig"):
+        qprep.prepare(DistillerBlock(), config={"strict": True})
+    with pytest.raises(qprep.InputError, match="on_untraceable"):
+        qprep.prepare(DistillerBlock(), on_untraceable="ignore")
