@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from qprep import modules as qm
 from qprep._provenance import module_scope, record_change
 from qprep.aliases import hide_aliases
-from qprep.analysis import mode_argument
 from qprep.config import PrepareConfig
 from qprep.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS, REQUIRED, BuildContext, Spec, Unconvertible
 from qprep.graph_utils import ModuleNamer, example_value, call_template, erase_unused_attrs, replace_with_module, resolve_attr, target_text, type_name
@@ -88,6 +87,15 @@ def _follows_training(node: torch.fx.Node) -> bool:
     return bool((node.meta.get("qprep") or {}).get("follows_training"))
 
 
+def _training_follows(spec: Spec, node: torch.fx.Node) -> bool:
+    """Whether the argument that follows ``self.training`` is the spec's ``training``."""
+    if not _follows_training(node):
+        return False
+    where = node.meta["qprep"].get("mode_arg")
+    name = spec.params[where][0] if isinstance(where, int) and where < len(spec.params) else where
+    return name == "training"
+
+
 def handles(node: torch.fx.Node) -> bool:
     """Whether this pass owns ``node`` (converts it or keeps it in a wrapper). Besides the
     functionals, any call whose ``training`` argument follows ``self.training``: it gets a
@@ -129,7 +137,7 @@ def _build(gm, spec: Spec, node: torch.fx.Node) -> tuple:
         if name not in spec.inputs and name not in spec.parametric and _has_node(value):
             raise Unconvertible(f"argument {name!r} is computed at run time; nn modules take it as a constant")
     attrs = {name: resolve_attr(gm, bound[name]) for name in spec.parametric}
-    ctx = BuildContext(attrs=attrs, rank=_rank(bound[spec.inputs[0]]), follows_training=_follows_training(node))
+    ctx = BuildContext(attrs=attrs, rank=_rank(bound[spec.inputs[0]]), follows_training=_training_follows(spec, node))
     module = spec.build(bound, ctx)
     aliases = {attr: bound[attr].target for attr in ctx.adopted}
     aliases.update({attr: None for attr in ctx.private})
@@ -158,7 +166,7 @@ def convert_functionals(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pass
         except Unconvertible as exc:
             reason = f"kept as an exact qprep.modules.Functional wrapper: {exc}"
             args, kwargs, inputs = call_template(node)
-            mode_arg = mode_argument(node) if _follows_training(node) else None
+            mode_arg = (node.meta.get("qprep") or {}).get("mode_arg") if _follows_training(node) else None
             if mode_arg is not None:
                 reason += "; its training argument follows the wrapper's mode"
             module, adopted = qm.Functional(node.target, args, kwargs, mode_arg=mode_arg), {}

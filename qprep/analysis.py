@@ -155,11 +155,15 @@ def mode_argument(node: torch.fx.Node) -> str | int | None:
     return None
 
 
-def _flag(node: torch.fx.Node) -> Any:
-    where = mode_argument(node)
-    if isinstance(where, str):
-        return node.kwargs.get(where, "<default>")
-    return node.args[where]
+def _flips(node: torch.fx.Node, twin: torch.fx.Node) -> list[str | int]:
+    """Positions and keyword names of the bool constants that differ between two traces."""
+    flips: list[str | int] = [
+        i for i, (a, b) in enumerate(zip(node.args, twin.args))
+        if isinstance(a, bool) and isinstance(b, bool) and a != b
+    ]
+    flips += [k for k, a in node.kwargs.items()
+              if isinstance(a, bool) and isinstance(twin.kwargs.get(k), bool) and a != twin.kwargs[k]]
+    return flips
 
 
 def _signature(gm: torch.fx.GraphModule) -> list:
@@ -167,21 +171,36 @@ def _signature(gm: torch.fx.GraphModule) -> list:
 
 
 def mark_training_dependence(
-    gm: torch.fx.GraphModule, flipped: torch.fx.GraphModule, mode: str
+    gm: torch.fx.GraphModule, flipped: torch.fx.GraphModule, mode: str,
+    scope_training: Callable[[torch.fx.Node], bool],
 ) -> list[Change]:
     """Compare ``gm`` with ``flipped`` (traced with every module's mode flipped).
 
-    Sets ``meta["qprep"]["follows_training"]`` on each mode-sensitive call whose flag
-    differs between the two traces. When the graphs differ in structure (``forward``
-    branches on ``self.training``), returns a note: the prepared graph reproduces ``mode``.
+    A call with one bool argument that flips with the mode and equals its scope module's
+    ``training`` flag follows ``self.training``: it gets ``meta["qprep"]["follows_training"]``
+    and ``["mode_arg"]`` (the position or keyword), whichever function it is
+    (``F.dropout``, ``torchvision.ops.stochastic_depth``, a user function). Flags that flip
+    otherwise (two of them, ``not self.training``, into a module call) get a note: the
+    prepared graph keeps their traced values. When the graphs differ in structure
+    (``forward`` branches on ``self.training``), returns a note: the prepared graph
+    reproduces ``mode``.
     """
     if _signature(gm) != _signature(flipped):
         first = next((n for n in gm.graph.nodes if n.op not in ("placeholder",)), None)
         note = (f"forward branches on self.training: the graph was traced in {mode} mode and "
                 f"the prepared model reproduces {mode} mode only")
         return [record_change(first, "trace", NOTE, "self.training", "self.training", reason=note)] if first else []
+    notes = []
     for node, twin in zip(gm.graph.nodes, flipped.graph.nodes):
-        if mode_argument(node) is not None and mode_argument(twin) == mode_argument(node):
-            if _flag(node) != _flag(twin):
-                node.meta.setdefault("qprep", {})["follows_training"] = True
-    return []
+        flips = _flips(node, twin)
+        if not flips:
+            continue
+        where = flips[0]
+        value = node.args[where] if isinstance(where, int) else node.kwargs[where]
+        if node.op == "call_function" and len(flips) == 1 and value == scope_training(node):
+            node.meta.setdefault("qprep", {}).update(follows_training=True, mode_arg=where)
+            continue
+        reason = (f"arguments {flips} follow the module's mode in a way qprep cannot keep; "
+                  f"the prepared graph keeps their {mode}-mode values")
+        notes.append(record_change(node, "trace", NOTE, str(node.target), str(node.target), reason=reason))
+    return notes

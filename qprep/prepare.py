@@ -111,6 +111,19 @@ def _flip_modes(model: nn.Module) -> dict:
     return modes
 
 
+def _scope_mode(model: nn.Module):
+    """The ``training`` flag of the module whose ``forward`` made a node."""
+    from ._provenance import module_scope
+
+    def training(node: torch.fx.Node) -> bool:
+        try:
+            return model.get_submodule(module_scope(node)).training
+        except AttributeError:
+            return model.training
+
+    return training
+
+
 def _analyse(model: nn.Module, gm: torch.fx.GraphModule, config: PrepareConfig, args: tuple | None,
              fixed: dict) -> list[Change]:
     notes: list[Change] = []
@@ -122,7 +135,7 @@ def _analyse(model: nn.Module, gm: torch.fx.GraphModule, config: PrepareConfig, 
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        notes += mark_training_dependence(gm, flipped, "train" if model.training else "eval")
+        notes += mark_training_dependence(gm, flipped, "train" if model.training else "eval", _scope_mode(model))
     if args is not None:
         try:
             record_types(gm, args)

@@ -33,3 +33,16 @@ def test_torchvision_resnet_train_mode_and_gradients():
     gm = qprep.prepare(model, (torch.randn(2, 3, 64, 64),))
     result = qprep.verify(model, gm, torch.randn(2, 3, 64, 64), grad=True)
     assert result.equal and result.mode == "train", result.table()
+
+
+def test_stochastic_depth_follows_train_mode_after_preparation():
+    """torchvision's StochasticDepth passes self.training positionally to a wrapped function."""
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0(weights=None, num_classes=10).eval()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 64, 64),))
+    depth = torchvision.ops.stochastic_depth
+    wrappers = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional) and m.call is depth]
+    assert wrappers and all(m.mode_arg == 3 for m in wrappers)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is depth]
+    result = qprep.verify(model, gm, torch.randn(2, 3, 64, 64), train=True)
+    assert result.equal, result.table()

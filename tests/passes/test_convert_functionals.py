@@ -235,3 +235,37 @@ def test_dropout_with_positional_self_training_inside_fallback():
     model = Net().eval()
     gm = qprep.prepare(model, (torch.rand(3, 5),))
     assert qprep.verify(model, gm, torch.rand(3, 5), train=True).equal
+
+
+def _positional_flag(x, p: float, training: bool):
+    return x * (1 - p) if training else x
+
+
+torch.fx.wrap("_positional_flag")
+
+
+def test_positional_training_flag_of_any_function_follows_mode():
+    """torchvision's StochasticDepth passes self.training positionally."""
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return _positional_flag(x + 1, 0.5, self.training)
+
+    model = Net().eval()
+    gm = qprep.prepare(model, (torch.rand(2, 3),))
+    wrapper = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional)]
+    assert len(wrapper) == 1 and wrapper[0].mode_arg == 2
+    x = torch.rand(2, 3)
+    assert qprep.verify(model, gm, x).equal and qprep.verify(model, gm, x, train=True).equal
+
+
+def test_inverted_training_flag_is_reported_not_followed():
+    class Net(nn.Module):
+        def forward(self, x):
+            return _positional_flag(x + 1, 0.5, not self.training)
+
+    model = Net().eval()
+    gm = qprep.prepare(model, (torch.rand(2, 3),))
+    notes = [c for c in gm.meta["qprep"]["preparation"].changes if c.action == "note"]
+    assert len(notes) == 1 and "cannot keep" in notes[0].reason
+    assert qprep.verify(model, gm, torch.rand(2, 3)).equal
