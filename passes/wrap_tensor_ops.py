@@ -159,27 +159,24 @@ def _hashable(target) -> bool:
     return True
 
 
-def _call_of(node: torch.fx.Node):
-    return node.target  # a callable for call_function, a method name for call_method
-
-
 def wrap_tensor_ops(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResult:
     """Replace each tensor-producing op of the tables by a call of its own wrapper module."""
     namer = ModuleNamer(gm)
     changes = []
+    tensors: dict = {}  # produces_tensor's memo, shared across the nodes in graph order
     for node in list(gm.graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
         cls = _wrapper_for(node)
         op_text = target_text(node)
         if cls is None:
-            changes.extend(_skip_record(node, op_text, config))
+            changes.extend(_skip_record(node, op_text, config, tensors))
             continue
-        if not produces_tensor(node):
+        if not produces_tensor(node, tensors):
             changes.append(record_change(node, PASS_NAME, SKIPPED, op_text, op_text, reason=REASON_SHAPE))
             continue
         args, kwargs, inputs = call_template(node)
-        module = cls(_call_of(node), args, kwargs)
+        module = cls(node.target, args, kwargs)  # the callable, or the Tensor method's name
         name = namer.name(module_scope(node), cls.__name__.lower())
         change = record_change(
             node, PASS_NAME, REWRITTEN, op_text, op_text,
@@ -195,12 +192,12 @@ def _short_name(node: torch.fx.Node) -> str:
     return node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
 
 
-def _skip_record(node: torch.fx.Node, op_text: str, config: PrepareConfig) -> list:
+def _skip_record(node: torch.fx.Node, op_text: str, config: PrepareConfig, tensors: dict) -> list:
     if handles_functional(node):
         return []  # convert_functionals ran first and reported it
     if _short_name(node) in DATA_MOVEMENT:
         return [record_change(node, PASS_NAME, SKIPPED, op_text, op_text, reason=REASON_DATA_MOVEMENT)]
-    if not produces_tensor(node):
+    if not produces_tensor(node, tensors):
         return [record_change(node, PASS_NAME, SKIPPED, op_text, op_text, reason=REASON_SHAPE)]
     reason = "unsupported op: no wrapper module in the tables (add it to FUNCTION_TABLE/METHOD_TABLE)"
     change = record_change(node, PASS_NAME, SKIPPED, op_text, op_text, reason=reason)

@@ -18,14 +18,9 @@ from typing import Mapping
 
 import torch.nn as nn
 
-__all__ = ["hide_aliases", "hidden_names", "restore_missing_state"]
+__all__ = ["hide_aliases", "restore_missing_state"]
 
 _ATTR = "_qprep_hidden"
-
-
-def hidden_names(module: nn.Module) -> frozenset[str]:
-    """Names of ``module``'s own tensors hidden from its state dict."""
-    return frozenset(getattr(module, _ATTR, ()))
 
 
 def hide_aliases(root: nn.Module, aliases: Mapping[str, str | None]) -> None:

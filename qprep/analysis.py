@@ -23,17 +23,15 @@ from .records import NOTE, Change
 from ._provenance import record_change
 
 __all__ = [
-    "record_types", "mark_training_dependence", "preserved_state", "mode_argument", "may_depend_on_mode",
+    "record_types", "mark_training_dependence", "preserved_state", "may_depend_on_mode",
     "MODE_SENSITIVE",
 ]
 
-#: Functionals whose ``training`` argument (by position) may come from ``self.training``.
-MODE_SENSITIVE: dict[Callable, tuple[str, int]] = {
-    F.dropout: ("training", 2), F.dropout1d: ("training", 2), F.dropout2d: ("training", 2),
-    F.dropout3d: ("training", 2), F.alpha_dropout: ("training", 2),
-    F.feature_alpha_dropout: ("training", 2), F.rrelu: ("training", 3), F.batch_norm: ("training", 5),
-    F.instance_norm: ("use_input_stats", 5),
-}
+#: Functionals that take a ``training`` flag: their presence alone asks for the second trace.
+MODE_SENSITIVE: frozenset = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.rrelu, F.batch_norm, F.instance_norm,
+})
 
 
 @contextlib.contextmanager
@@ -99,7 +97,20 @@ def _clone(value: Any) -> Any:
 
 
 def has_mode_sensitive_calls(gm: torch.fx.GraphModule) -> bool:
-    return any(mode_argument(n) is not None for n in gm.graph.nodes)
+    """Whether ``gm`` calls a functional that takes a training flag, or any function with
+    a bool ``training=`` keyword: then the model is traced again in the other mode."""
+    return any(_may_take_training(n) for n in gm.graph.nodes)
+
+
+def _may_take_training(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    try:
+        if node.target in MODE_SENSITIVE:
+            return True
+    except TypeError:  # an unhashable target
+        pass
+    return isinstance(node.kwargs.get("training"), bool)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,24 +146,6 @@ def _compound(module: nn.Module) -> bool:
     from .tracer import COMPOUND_NN
 
     return isinstance(module, COMPOUND_NN)
-
-
-def mode_argument(node: torch.fx.Node) -> str | int | None:
-    """Where ``node`` takes a training flag: a keyword name, a position, or ``None``.
-    Known functionals by table; any other function by a ``training=`` keyword
-    (``torchvision.ops.stochastic_depth(x, p, mode, training=self.training)``)."""
-    if node.op != "call_function":
-        return None
-    try:
-        known = MODE_SENSITIVE.get(node.target)
-    except TypeError:
-        known = None
-    if known is not None:
-        name, index = known
-        return name if name in node.kwargs or len(node.args) <= index else index
-    if isinstance(node.kwargs.get("training"), bool):
-        return "training"
-    return None
 
 
 def _flips(node: torch.fx.Node, twin: torch.fx.Node) -> list[str | int]:

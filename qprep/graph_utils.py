@@ -44,26 +44,25 @@ def example_value(node: torch.fx.Node) -> dict | None:
     return (node.meta.get("qprep") or {}).get("value")
 
 
-def produces_tensor(node: torch.fx.Node) -> bool:
+def produces_tensor(node: torch.fx.Node, memo: dict | None = None) -> bool:
     """Whether ``node`` computes a tensor (or a tuple of them), not shape arithmetic.
 
     Uses the value seen on example inputs when :func:`qprep.analysis.record_types` ran,
     else static rules: ``x.size(0) // 2`` is an int, ``x + 1`` is a tensor when ``x`` is.
     Unknown values count as tensors (wrapping an int op in a module is still exact).
+    A caller asking about many nodes in graph order passes one ``memo`` dict, so each
+    node's inputs are answered from it rather than walked again.
     """
     seen = example_value(node)
     if seen is not None:
         return seen["has_tensor"]
-    return _static_tensor(node, {})
+    return _static_tensor(node, {} if memo is None else memo)
 
 
 def _static_tensor(node: torch.fx.Node, memo: dict) -> bool:
-    if node in memo:
-        return memo[node]
-    memo[node] = True  # cycles cannot happen in a DAG; this only guards recursion
-    result = _static_rule(node, memo)
-    memo[node] = result
-    return result
+    if node not in memo:
+        memo[node] = _static_rule(node, memo)
+    return memo[node]
 
 
 def _static_rule(node: torch.fx.Node, memo: dict) -> bool:
