@@ -12,19 +12,15 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.fx
 import torch.nn as nn
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qprep  # noqa: E402
-from tests.models import AttentionBlock, TinyResNet  # noqa: E402
+import qprep
+from qprep.examples import AttentionBlock, TinyResNet
 
 
 class Stack(nn.Module):

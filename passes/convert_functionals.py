@@ -32,75 +32,31 @@ import torch.fx
 import torch.nn.functional as F
 
 from qprep import modules as qm
-from qprep._provenance import module_scope, record_change
-from qprep.aliases import hide_aliases
-from qprep.config import PrepareConfig
-from qprep.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS, REQUIRED, BuildContext, Spec, Unconvertible
-from qprep.graph_utils import ModuleNamer, example_value, call_template, erase_unused_attrs, replace_with_module, resolve_attr, target_text, type_name
-from qprep.records import REWRITTEN, PassResult
+from qprep.core import meta
+from qprep.core.aliases import hide_aliases
+from qprep.core.config import PrepareConfig
+from qprep.core.graph import (
+    ModuleNamer, erase_unused_attrs, example_value, lookup, replace_with_module, resolve_attr, short_name, target_text,
+    type_name,
+)
+from qprep.core.provenance import module_scope, record_change
+from qprep.core.records import REWRITTEN, SKIPPED, PassResult
+from qprep.core.template import call_template
+from qprep.passes.functional_spec import REQUIRED, BuildContext, Spec, Unconvertible
+from qprep.passes.functional_table import follows_training, is_functional, spec_for
 
-__all__ = ["convert_functionals", "handles", "WITHOUT_MODULE"]
+__all__ = ["convert_functionals"]
 
 PASS_NAME = "convert_functionals"
-
-_NOT_OPS = frozenset({
-    "has_torch_function", "has_torch_function_unary", "has_torch_function_variadic",
-    "handle_torch_function", "boolean_dispatch", "assert_int_or_pair",
-})
-
-
-def _functionals_without_module() -> frozenset:
-    found = set()
-    for name, value in vars(F).items():
-        if name.startswith("_") or name in _NOT_OPS or isinstance(value, type) or not callable(value):
-            continue
-        module = getattr(value, "__module__", None)
-        if module in (None, "torch.nn.functional", "torch._C._nn", "torch") or type(value).__name__ == "builtin_function_or_method":
-            if value not in FUNCTIONAL_SPECS:
-                found.add(value)
-    return frozenset(found)
-
-
-#: ``torch.nn.functional`` functions with no ``nn`` module: kept in a Functional wrapper.
-WITHOUT_MODULE = _functionals_without_module()
-
-
-def _spec_for(node: torch.fx.Node) -> Spec | None:
-    if node.op == "call_function":
-        try:
-            return FUNCTIONAL_SPECS.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    if node.op == "call_method":
-        return METHOD_SPECS.get(node.target)
-    return None
-
-
-def _without_module(node: torch.fx.Node) -> bool:
-    try:
-        return node.op == "call_function" and node.target in WITHOUT_MODULE
-    except TypeError:
-        return False
-
-
-def _follows_training(node: torch.fx.Node) -> bool:
-    return bool((node.meta.get("qprep") or {}).get("follows_training"))
-
+REASON_USER_MAPPED = "mapped by PrepareConfig.op_modules: wrap_tensor_ops makes it the given module"
 
 def _training_follows(spec: Spec, node: torch.fx.Node) -> bool:
     """Whether the argument that follows ``self.training`` is the spec's ``training``."""
-    if not _follows_training(node):
+    if not follows_training(node):
         return False
-    where = node.meta["qprep"].get("mode_arg")
+    where = meta.fact(node, meta.MODE_ARG)
     name = spec.params[where][0] if isinstance(where, int) and where < len(spec.params) else where
     return name == "training"
-
-
-def handles(node: torch.fx.Node) -> bool:
-    """Whether this pass owns ``node`` (converts it or keeps it in a wrapper). Besides the
-    functionals, any call whose ``training`` argument follows ``self.training``: it gets a
-    wrapper that passes its own mode, so the prepared model follows ``.train()``."""
-    return _spec_for(node) is not None or _without_module(node) or _follows_training(node)
 
 
 def _bind(spec: Spec, node: torch.fx.Node) -> dict:
@@ -144,20 +100,18 @@ def _build(gm, spec: Spec, node: torch.fx.Node) -> tuple:
     return module, [bound[name] for name in spec.inputs], aliases
 
 
-def _op_name(node: torch.fx.Node) -> str:
-    return node.target if node.op == "call_method" else getattr(node.target, "__name__", "functional")
-
-
 def convert_functionals(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResult:
     """Replace each functional call by its ``nn`` module, or by an exact wrapper and a reason."""
     namer = ModuleNamer(gm)
     changes, aliases = [], {}
     for node in list(gm.graph.nodes):
-        spec = _spec_for(node)
-        if not handles(node):
+        if not is_functional(node):
             continue
         op_text = target_text(node)
-        scope = module_scope(node)
+        if lookup(config.op_modules, node.target) is not None:
+            changes.append(record_change(node, PASS_NAME, SKIPPED, op_text, op_text, reason=REASON_USER_MAPPED))
+            continue
+        spec = spec_for(node)
         reason = ""
         try:
             if spec is None:
@@ -166,12 +120,12 @@ def convert_functionals(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pass
         except Unconvertible as exc:
             reason = f"kept as an exact qprep.modules.Functional wrapper: {exc}"
             args, kwargs, inputs = call_template(node)
-            mode_arg = (node.meta.get("qprep") or {}).get("mode_arg") if _follows_training(node) else None
+            mode_arg = meta.fact(node, meta.MODE_ARG) if follows_training(node) else None
             if mode_arg is not None:
                 reason += "; its training argument follows the wrapper's mode"
             module, adopted = qm.Functional(node.target, args, kwargs, mode_arg=mode_arg), {}
-        base = type(module).__name__.lower() if not reason else _op_name(node).strip("_") or "functional"
-        name = namer.name(scope, base)
+        base = type(module).__name__.lower() if not reason else short_name(node).strip("_") or "functional"
+        name = namer.name(module_scope(node), base)
         changes.append(record_change(
             node, PASS_NAME, REWRITTEN, op_text, op_text, module_name=name,
             module_type=type_name(module), reason=reason,
@@ -181,4 +135,5 @@ def convert_functionals(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pass
     if aliases:
         hide_aliases(gm, aliases)
     erase_unused_attrs(gm)
-    return PassResult(gm, bool(changes), tuple(changes))
+    rewritten = any(c.action == REWRITTEN for c in changes)
+    return PassResult(PASS_NAME, gm, rewritten, tuple(changes))

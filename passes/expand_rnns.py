@@ -21,34 +21,26 @@ from __future__ import annotations
 import torch.fx
 import torch.nn as nn
 
-from qprep._provenance import record_change, stamp
-from qprep.config import PrepareConfig
-from qprep.graph_utils import type_name
-from qprep.records import REWRITTEN, PassResult
+from qprep import modules as qm
+from qprep.core.config import PrepareConfig
+from qprep.core.graph import type_name
+from qprep.core.provenance import record_change, stamp
+from qprep.core.records import NOTE, REWRITTEN, PassResult
 
 __all__ = ["expand_rnns", "RNN_TABLE", "ATTENTION_TABLE"]
 
 PASS_NAME = "expand_rnns"
-
-
-def _tables() -> tuple[dict, dict]:
-    from qprep.modules import attention, rnn
-
-    rnns = {
-        nn.LSTM: rnn.ModularLSTM, nn.GRU: rnn.ModularGRU, nn.RNN: rnn.ModularRNN,
-        nn.LSTMCell: rnn.ModularLSTMCell, nn.GRUCell: rnn.ModularGRUCell, nn.RNNCell: rnn.ModularRNNCell,
-    }
-    return rnns, {nn.MultiheadAttention: attention.ModularMultiheadAttention}
-
+NOTE_REUSE = ("per-time-step cell modules are re-used across time steps by design; "
+              "the stack is one call site in the graph")
 
 #: torch module type -> modular class (exact type match: subclasses may change forward).
-RNN_TABLE, ATTENTION_TABLE = _tables()
-
-
-def _replace_submodule(gm: torch.fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent_name, _, leaf = target.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, leaf, module)
+RNN_TABLE: dict = {
+    nn.LSTM: qm.ModularLSTM, nn.GRU: qm.ModularGRU, nn.RNN: qm.ModularRNN,
+    nn.LSTMCell: qm.ModularLSTMCell, nn.GRUCell: qm.ModularGRUCell, nn.RNNCell: qm.ModularRNNCell,
+}
+ATTENTION_TABLE: dict = {nn.MultiheadAttention: qm.ModularMultiheadAttention}
+#: The modular stacks whose per-step cells run at every time step (reported, not split).
+_STEPPED = (qm.ModularLSTM, qm.ModularGRU, qm.ModularRNN)
 
 
 def expand_rnns(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResult:
@@ -68,11 +60,16 @@ def expand_rnns(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResult:
             modular = modular_cls.from_float(module)
             modular.train(module.training)
             swapped[node.target] = (type_name(module), modular)
-            _replace_submodule(gm, node.target, swapped[node.target][1])
+            gm.add_submodule(node.target, modular)
+            if isinstance(modular, _STEPPED):
+                changes.append(record_change(node, PASS_NAME, NOTE, f"self.{node.target}", node.target,
+                                             module_name=node.target, module_type=type_name(modular),
+                                             reason=NOTE_REUSE))
         original_type, modular = swapped[node.target]
         stamp(node, PASS_NAME, REWRITTEN, original_type)
         changes.append(record_change(
             node, PASS_NAME, REWRITTEN, f"self.{node.target} ({original_type})", original_type,
             module_name=node.target, module_type=type_name(modular),
         ))
-    return PassResult(gm, bool(changes), tuple(changes))
+    rewritten = any(c.action == REWRITTEN for c in changes)
+    return PassResult(PASS_NAME, gm, rewritten, tuple(changes))

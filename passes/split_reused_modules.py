@@ -19,7 +19,7 @@ for a module registered under several names, those names in order). A clone shar
 original's Parameter and buffer objects (``copy.deepcopy`` with those objects memoised), so
 weight tying, gradients, buffer updates and memory are unchanged, and the clones' keys are
 hidden from ``state_dict()``. Modules that re-use their own submodules by design (a modular
-LSTM's per-time-step cell) are one call site in the graph and are reported, not split.
+LSTM's per-time-step cell) are one call site in the graph: nothing to split.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import copy
 import torch.fx
 import torch.nn as nn
 
-from qprep._compat import rename_like_fx
-from qprep._provenance import record_change, stamp
-from qprep.aliases import hide_aliases
-from qprep.config import PrepareConfig
-from qprep.graph_utils import ModuleNamer, retarget_scope, type_name
-from qprep.records import NOTE, REWRITTEN, PassResult
+from qprep.core import meta
+from qprep.core._compat import rename_like_fx
+from qprep.core.aliases import hide_aliases
+from qprep.core.config import PrepareConfig
+from qprep.core.graph import ModuleNamer, retarget_scope, type_name
+from qprep.core.provenance import record_change, stamp
+from qprep.core.records import REWRITTEN, PassResult
 
 __all__ = ["split_reused_modules", "clone_sharing_tensors"]
 
@@ -64,15 +65,11 @@ def split_reused_modules(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pas
     for node in gm.graph.nodes:
         if node.op == "call_module":
             sites.setdefault(node.target, []).append(node)
-    registered = dict((gm.meta.get("qprep") or {}).get("module_aliases") or {})
+    registered = dict(meta.graph_fact(gm, meta.MODULE_ALIASES) or {})
     namer = ModuleNamer(gm)
     changes, aliases = [], {}
     for target, nodes in sites.items():
         module = gm.get_submodule(target)
-        note = getattr(module, "qprep_reuse_note", None)
-        if note:
-            changes.append(record_change(nodes[0], PASS_NAME, NOTE, f"self.{target}", target,
-                                         module_name=target, module_type=type_name(module), reason=note))
         spare = [n for n in registered.get(target, []) if not namer.exists(n)]
         for k, node in enumerate(nodes[1:], start=2):
             own_name = bool(spare)  # a name the user registered the module under: its keys stay
@@ -93,7 +90,7 @@ def split_reused_modules(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pas
     if aliases:
         hide_aliases(gm, aliases)
     rewritten = any(c.action == REWRITTEN for c in changes)
-    return PassResult(gm, rewritten, tuple(changes))
+    return PassResult(PASS_NAME, gm, rewritten, tuple(changes))
 
 
 def _state_items(module: nn.Module):

@@ -3,16 +3,21 @@
 >>> gm = qprep.prepare(model, example_inputs=(x,))   # a torch.fx.GraphModule
 """
 
-from .config import PrepareConfig
-from .errors import InputError, NotEquivalentError, PassError, QprepError, RewriteError, TraceError
-from .prepare import Preparation, prepare
-from .records import Change, PassResult
-from .report import Report, diff
-from .verify import VerifyResult, verify
+from importlib.metadata import PackageNotFoundError, version
+
+from .api import diff, prepare, verify
+from .core.config import PrepareConfig
+from .core.errors import InputError, NotEquivalentError, PassError, QprepError, RewriteError, TraceError
+from .core.records import Change, PassResult, Preparation
+from .report import Report
+from .verify import VerifyResult
 
 __all__ = [
     "prepare", "verify", "diff", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
     "QprepError", "InputError", "TraceError", "PassError", "RewriteError", "NotEquivalentError",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("qprep")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "unknown"

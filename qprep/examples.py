@@ -11,6 +11,8 @@
   same guide: ``nn.LSTM`` computes its gates inside one fused kernel.
 
 Each class has an ``example_inputs()`` method; :data:`EXAMPLES` lists them for the demo.
+:class:`TinyResNet` (a stack of :class:`ResidualBlock`) and :class:`AttentionBlock` (a
+transformer-like block of bare matmuls, softmax and masks) are the benchmarks' models.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DistillerBlock", "TinyLSTMLM", "Example", "EXAMPLES"]
+__all__ = ["DistillerBlock", "TinyLSTMLM", "TinyResNet", "ResidualBlock", "AttentionBlock", "Example", "EXAMPLES"]
 
 
 class DistillerBlock(nn.Module):
@@ -86,6 +88,61 @@ class TinyLSTMLM(nn.Module):
 
     def example_inputs(self, seq_len: int = 12, batch: int = 3) -> tuple:
         return (torch.randint(0, self.vocab, (seq_len, batch)),)
+
+
+class TinyResNet(nn.Module):
+    """A ResNet-style stack of residual blocks."""
+
+    def __init__(self, width=16, blocks=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ResidualBlock(nn.Module):
+    """A ResNet basic block with one ReLU module re-used and an in-place residual add."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class AttentionBlock(nn.Module):
+    """Transformer-like block with bare matmuls, softmax, masks and shape arithmetic."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        q = q.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / (d // self.heads) ** 0.5)
+        mask = torch.ones(t, t).tril() == 0
+        att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        return x + self.proj(y)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,4 @@
-"""Test helpers: :func:`assert_equivalent` for users' own test suites, and the seeded
-multi-trial verification that ``qprep verify`` runs.
+"""Test helpers for users' own test suites.
 
 >>> from qprep.testing import assert_equivalent
 >>> gm = assert_equivalent(model, (x,), trials=3, train=True, grad=True)
@@ -7,135 +6,16 @@ multi-trial verification that ``qprep verify`` runs.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Callable
+from typing import Any
 
-import torch
 import torch.nn as nn
-from tabulate import tabulate
 
-from .errors import InputError
-from .inputs import as_positional
-from .verify import VerifyResult, verify
+from .api import prepare, verify
+from .core.errors import InputError
+from .core.inputs import as_positional
+from .verify import random_inputs_like, run_trials, trials_table
 
-__all__ = ["assert_equivalent", "random_inputs_like", "run_trials", "Trial", "trials_table"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Trial:
-    """One verification run: trial number (1 = the example inputs), mode, the seed both
-    models ran with, and the verdict."""
-
-    index: int
-    mode: str
-    seed: int
-    result: VerifyResult
-
-    @property
-    def equal(self) -> bool:
-        return self.result.equal
-
-    def as_dict(self) -> dict:
-        return {"trial": self.index, "mode": self.mode, "seed": self.seed, "result": self.result.as_dict()}
-
-
-def random_inputs_like(example: Any, seed: int, int_range: tuple[int, int] | None = None) -> Any:
-    """Random inputs with the structure, shapes, dtypes and devices of ``example``.
-
-    Floating and complex tensors are drawn from a standard normal distribution, bool
-    tensors uniformly, integer tensors uniformly from ``int_range`` (``(low, high)``, high
-    exclusive) or, without it, from the range the example tensor itself spans (token ids
-    stay valid ids). Non-tensor values are kept as they are.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    return _like(example, generator, int_range)
-
-
-def _like(value: Any, g: torch.Generator, int_range: tuple[int, int] | None) -> Any:
-    if isinstance(value, torch.Tensor):
-        return _tensor_like(value, g, int_range)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_like(v, g, int_range) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_like(v, g, int_range) for v in value)
-    if isinstance(value, dict):
-        return {k: _like(v, g, int_range) for k, v in value.items()}
-    return value
-
-
-def _tensor_like(t: torch.Tensor, g: torch.Generator, int_range: tuple[int, int] | None) -> torch.Tensor:
-    shape = tuple(t.shape)
-    if t.dtype == torch.bool:
-        out = torch.randint(0, 2, shape, generator=g).bool()
-    elif t.is_floating_point():
-        out = torch.randn(shape, generator=g).to(t.dtype)
-    elif t.is_complex():
-        out = torch.randn(shape, generator=g, dtype=t.dtype)
-    else:
-        if int_range is not None:
-            low, high = int_range
-        elif t.numel():
-            low, high = int(t.min()), int(t.max()) + 1
-        else:
-            low, high = 0, 2
-        out = torch.randint(low, high, shape, generator=g, dtype=t.dtype)
-    return out.to(t.device)
-
-
-def run_trials(
-    original: nn.Module,
-    prepared: nn.Module,
-    example_inputs: Any,
-    *,
-    trials: int = 1,
-    train: bool = False,
-    grad: bool = False,
-    seed: int = 0,
-    int_range: tuple[int, int] | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> list[Trial]:
-    """Verify ``prepared`` against ``original`` on ``trials`` inputs: trial 1 on
-    ``example_inputs`` themselves, trial ``i > 1`` on :func:`random_inputs_like` with seed
-    ``seed + i - 1``; each in eval mode and, with ``train``, in train mode too (dropout
-    draws the same masks in both models: :func:`qprep.verify` seeds both runs with that
-    seed). ``progress(i, trials, mode)`` is called before each run."""
-    if trials < 1:
-        raise InputError(f"trials must be at least 1, got {trials}")
-    args = as_positional(example_inputs, original)
-    modes = ("eval", "train") if train else ("eval",)
-    runs = []
-    for i in range(1, trials + 1):
-        trial_seed = seed + i - 1
-        inputs = args if i == 1 else random_inputs_like(args, trial_seed, int_range)
-        for mode in modes:
-            if progress is not None:
-                progress(i, trials, mode)
-            result = verify(original, prepared, inputs, train=mode == "train", grad=grad, seed=trial_seed)
-            runs.append(Trial(i, mode, trial_seed, result))
-    return runs
-
-
-def _fmt(value: float) -> str:
-    return "inf" if math.isinf(value) else f"{value:.3g}"
-
-
-def trials_table(runs: list[Trial]) -> str:
-    """One row per trial and mode, then the overall verdict."""
-    rows = []
-    for run in runs:
-        r = run.result
-        bad = [o.path for o in r.outputs + r.grads if not o.equal]
-        kernel = "" if r.kernel_diff is None else f"fused kernels differ by {_fmt(r.kernel_diff)} (bound {_fmt(r.kernel_bound)})"
-        rows.append((
-            run.index, run.mode, run.seed, "yes" if r.equal else "NO", _fmt(r.max_abs_diff),
-            len(r.outputs) + len(r.grads), ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""),
-            r.reference, kernel or (f"first bad pass: {r.first_bad_pass}" if r.first_bad_pass else ""),
-        ))
-    table = tabulate(rows, headers=["trial", "mode", "seed", "bitwise equal", "max abs diff", "checked",
-                                    "differing", "reference", "note"])
-    ok = all(run.equal for run in runs)
-    return f"{table}\nverdict: {'EQUIVALENT' if ok else 'NOT EQUIVALENT'} ({len(runs)} run{'s' if len(runs) != 1 else ''})"
+__all__ = ["assert_equivalent", "random_inputs_like", "run_trials", "trials_table"]
 
 
 def assert_equivalent(
@@ -163,13 +43,11 @@ def assert_equivalent(
     """
     args = as_positional(example_inputs, model)
     if prepared is None:
-        from .prepare import prepare  # deferred: keeps this module light to import
-
         prepare_options.pop("check", None)
         prepared = prepare(model, args, check=False, **prepare_options)
     elif prepare_options:
         raise InputError(f"prepare options {sorted(prepare_options)} given together with prepared=")
-    runs = run_trials(model, prepared, args, trials=trials, train=train, grad=grad, seed=seed)
+    runs = run_trials(model, prepared, args, trials=trials, train=train, grad=grad, seed=seed, check=verify)
     if not all(run.equal for run in runs):
         details = [f"trial {run.index} ({run.mode}, seed {run.seed}):\n{run.result.table()}"
                    for run in runs if not run.equal]

@@ -3,6 +3,7 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seeded():
+    """Every test starts from the same random state."""
     torch.manual_seed(0)
     yield

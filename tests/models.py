@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qprep import examples
+from qprep.examples import AttentionBlock, ResidualBlock, TinyResNet  # noqa: F401  (the shared zoo)
 
 
 class _Call(nn.Module):
@@ -120,56 +121,3 @@ class FunctionalNet(nn.Module):
         x = F.dropout(x, 0.3, training=self.training)
         x = F.linear(x, self.fc_w, self.fc_b)
         return F.layer_norm(x, (10,), self.ln_w, self.ln_b)
-
-
-class TinyResNet(nn.Module):
-    """A ResNet-style stack of residual blocks."""
-
-    def __init__(self, width=16, blocks=4):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.blocks = nn.Sequential(*[DistillerLike(width) for _ in range(blocks)])
-        self.head = nn.Linear(width, 10)
-
-    def forward(self, x):
-        x = self.blocks(self.stem(x))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-class DistillerLike(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(ch)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x
-        return self.relu(out)
-
-
-class AttentionBlock(nn.Module):
-    """Transformer-like block with bare matmuls, softmax, masks and shape arithmetic."""
-
-    def __init__(self, dim=16, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
-        q = q.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-        k = k.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-        v = v.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / (d // self.heads) ** 0.5)
-        mask = torch.ones(t, t).tril() == 0
-        att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        return x + self.proj(y)

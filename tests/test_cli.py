@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import qprep
-from qprep.cli import EXIT_CODES, load_model, main
+from qprep.cli import EXIT_CODES, main
+from qprep.cli.inputs import load_model
 from qprep.examples import DistillerBlock
 from qprep.report import validate
 

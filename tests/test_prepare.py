@@ -8,9 +8,13 @@ import torch
 import torch.nn as nn
 
 import qprep
+import qprep.capture
+from qprep.capture import trace
+from qprep.core.graph import produces_tensor
+from qprep.passes import pipeline, run_pipeline
 from qprep import modules as qm
-from qprep.passes.convert_functionals import handles
-from qprep.passes.wrap_tensor_ops import FUNCTION_TABLE, METHOD_TABLE
+from qprep.passes.functional_table import is_functional as handles
+from qprep.passes.op_tables import FUNCTION_TABLE, METHOD_TABLE
 from tests.models import Aliasing, AttentionBlock, DistillerBlock, FunctionalNet, ReusedBlock, SharedConv, TinyResNet
 
 
@@ -22,7 +26,7 @@ def compute_ops_outside_modules(gm):
             out.append(n)
         if n.op == "call_method" and (n.target in METHOD_TABLE or handles(n)):
             out.append(n)
-    return [n for n in out if qprep.graph_utils.produces_tensor(n)]
+    return [n for n in out if produces_tensor(n)]
 
 
 def call_sites(gm):
@@ -136,7 +140,7 @@ def test_prepare_is_idempotent():
 def test_pipeline_twice_changes_nothing():
     model = AttentionBlock().eval()
     gm = qprep.prepare(model, (torch.randn(2, 5, 16),))
-    results = qprep.pipeline.run_pipeline(gm, qprep.PrepareConfig())
+    results = run_pipeline(gm, qprep.PrepareConfig())
     assert not any(r.changed for r in results)
 
 
@@ -271,8 +275,9 @@ def test_forward_branching_on_training_is_reported():
 
 def test_models_without_training_reads_are_traced_once(monkeypatch):
     calls = []
-    real = qprep.prepare.__globals__["trace"]
-    monkeypatch.setitem(qprep.prepare.__globals__, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = qprep.capture.tracer.trace
+    for module in (qprep.capture, qprep.capture.specialise):
+        monkeypatch.setattr(module, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
     qprep.prepare(DistillerBlock(), (torch.randn(1, 3, 8, 8),))
     assert len(calls) == 1
 
@@ -366,9 +371,9 @@ def test_pass_failure_names_the_pass(monkeypatch):
     def broken(gm, config):
         raise ValueError("boom")
 
-    monkeypatch.setattr(qprep.pipeline, "PIPELINE", (qprep.pipeline.PIPELINE[0], qprep.pipeline.PIPELINE[1], broken))
+    monkeypatch.setattr(pipeline, "PIPELINE", (pipeline.PIPELINE[0], pipeline.PIPELINE[1], broken))
     with pytest.raises(qprep.PassError, match=r"pass broken failed after \[expand_rnns, convert_functionals\]: ValueError: boom"):
-        qprep.pipeline.run_pipeline(qprep.tracer.trace(DistillerBlock())[0], qprep.PrepareConfig())
+        run_pipeline(trace(DistillerBlock())[0], qprep.PrepareConfig())
 
 
 def test_config_object_and_options_combine():

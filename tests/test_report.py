@@ -17,8 +17,9 @@ import torch.nn as nn
 import qprep
 import qprep.examples
 from qprep.examples import DistillerBlock, TinyLSTMLM
-from qprep.pipeline import PIPELINE, pass_name
-from qprep.report import Report, diff, json_schema, source_uri, split_location, validate
+from qprep.passes import PIPELINE, pass_name
+from qprep import diff
+from qprep.report import Report, json_schema, source_uri, split_location, validate
 
 EXAMPLES_PY = pathlib.Path(qprep.examples.__file__)
 

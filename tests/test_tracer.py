@@ -1,13 +1,18 @@
 """The tracer: source lines, scopes, in-place semantics, leaves, opaque fallbacks, errors."""
 
 import operator
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 import qprep
-from qprep.tracer import trace
+import qprep.examples
+from qprep.capture import trace
+from qprep.core import provenance
 from tests.models import DistillerBlock
 
 
@@ -22,9 +27,9 @@ def test_nodes_record_source_lines_and_scopes():
     gm, _ = trace(nn.Sequential(DistillerBlock()))
     iadd = next(n for n in gm.graph.nodes if n.target is operator.iadd)
     expected = _line_of("out += identity", examples_file.__file__)
-    assert qprep._provenance.source_location(iadd).endswith(f"qprep/examples.py:{expected}")
-    assert qprep._provenance.source_code(iadd) == "out += identity"
-    assert qprep._provenance.module_scope(iadd) == "0"
+    assert provenance.source_location(iadd).endswith(f"qprep/examples.py:{expected}")
+    assert provenance.source_code(iadd) == "out += identity"
+    assert provenance.module_scope(iadd) == "0"
 
 
 def test_augmented_assignment_is_recorded_in_place():
@@ -206,3 +211,23 @@ def test_buffers_sliced_by_traced_sizes():
     model = Positions()
     gm = qprep.prepare(model, (torch.randn(2, 5, 4),))
     assert qprep.verify(model, gm, torch.randn(3, 7, 4)).equal
+
+
+def test_leaves_are_decided_by_type_not_by_module_name():
+    """A model class defined under qprep (qprep.examples) is user code: traced into."""
+    model = nn.Sequential(qprep.examples.DistillerBlock(), nn.ReLU())
+    gm = qprep.prepare(model, (torch.randn(1, 8, 8, 8),))
+    rewritten = [c for c in gm.meta["qprep"]["preparation"].changes if c.action == "rewritten"]
+    assert {c.module_name for c in rewritten} == {"0.add", "0.relu_1", "0.cat", "0.sigmoid"}
+
+
+def test_plain_pytest_collects_from_the_repository_root():
+    """``pytest`` (the script, which does not put the working directory on sys.path, unlike
+    ``python -m pytest``) finds the ``tests`` package."""
+    script = pathlib.Path(sys.executable).with_name("pytest")
+    if not script.exists():
+        pytest.skip(f"no pytest script beside {sys.executable}")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(script), "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_layers.py"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -31,7 +31,7 @@ Reshapes, transposes, ``pad`` and ``repeat`` stay plain tensor code.
 cutting it from the optimizer and ``.grad`` of ``in_proj_weight``, and an ``nn.Linear``
 whose ``weight`` is a view invites a quantizer to replace (copy) it. So each projection is
 a :class:`SlicedLinear` that registers the *whole* original Parameter (``packed_weight``,
-an alias hidden by :func:`qprep.aliases.hide_aliases`) plus the rows it uses; its
+an alias hidden by :func:`qprep.core.aliases.hide_aliases`) plus the rows it uses; its
 ``weight``/``bias`` properties are views of those rows, so gradients reach the original.
 ``state_dict()`` keys are exactly torch's, and checkpoints load with ``strict=True`` both ways.
 
@@ -67,8 +67,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ..aliases import hide_aliases
-from .base import Input
+from ..core.aliases import hide_aliases
+from ..core.template import Input
 from .ops import Add, BMM, Baddbmm, Cat, MaskedFill, MatMul, Mean, Mul
 
 __all__ = ["SlicedLinear", "SafeSoftmax", "ModularMultiheadAttention"]

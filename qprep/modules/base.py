@@ -18,52 +18,10 @@ from typing import Any, Callable, ClassVar
 
 import torch.nn as nn
 
-__all__ = ["Input", "TensorOp", "describe_call"]
+from ..core.template import Input, fill, has_slot
+from ..core.text import callable_name
 
-
-class Input:
-    """A slot in an argument template: the ``index``-th input of ``forward``."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def __repr__(self) -> str:
-        return f"Input({self.index})"
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Input) and other.index == self.index
-
-    def __hash__(self) -> int:
-        return hash(("qprep.Input", self.index))
-
-    def __getstate__(self):
-        return self.index
-
-    def __setstate__(self, state):
-        self.index = state
-
-
-def _has_slot(value: Any) -> bool:
-    if isinstance(value, Input):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_slot(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_slot(v) for v in value.values())
-    return False
-
-
-def _fill(value: Any, inputs: tuple) -> Any:
-    if isinstance(value, Input):
-        return inputs[value.index]
-    if isinstance(value, (list, tuple)) and _has_slot(value):
-        filled = [_fill(v, inputs) for v in value]
-        return filled if isinstance(value, list) else type(value)(filled)
-    if isinstance(value, dict) and _has_slot(value):
-        return {k: _fill(v, inputs) for k, v in value.items()}
-    return value
+__all__ = ["Input", "TensorOp"]
 
 
 _DIRECT, _FLAT, _PACK, _NESTED = "direct", "flat", "pack", "nested"
@@ -73,31 +31,16 @@ def _plan(args: tuple | None, kwargs: dict) -> tuple[str, tuple]:
     """How ``forward`` puts its inputs into the call, decided once: as they come
     (``_DIRECT``), into top-level positions (``_FLAT``), as one list (``_PACK``, a wrapper
     built directly for ``torch.cat``), or through nested containers (``_NESTED``)."""
-    if _has_slot(kwargs):
+    if has_slot(kwargs):
         return _NESTED, ()
     if args is None:
         return _DIRECT, ()
-    if any(isinstance(a, (list, tuple, dict)) and _has_slot(a) for a in args):
+    if any(isinstance(a, (list, tuple, dict)) and has_slot(a) for a in args):
         return _NESTED, ()
     slots = tuple((pos, a.index) for pos, a in enumerate(args) if isinstance(a, Input))
     if len(slots) == len(args) and all(pos == index for pos, index in slots):
         return _DIRECT, ()
     return _FLAT, slots
-
-
-def describe_call(call: Callable | str) -> str:
-    """``operator.iadd`` -> ``"operator.iadd"``, ``"add_"`` -> ``"Tensor.add_"``."""
-    if isinstance(call, str):
-        return f"Tensor.{call}"
-    module = getattr(call, "__module__", None) or ""
-    name = getattr(call, "__qualname__", None) or getattr(call, "__name__", repr(call))
-    if module in ("_operator", "operator"):
-        module = "operator"
-    elif module.startswith("torch._C") or module == "torch._VariableFunctions" or not module:
-        module = "torch"
-    if module == "torch.nn.functional":
-        module = "F"
-    return f"{module}.{name}"
 
 
 class TensorOp(nn.Module):
@@ -148,7 +91,7 @@ class TensorOp(nn.Module):
         elif plan == _PACK:
             args, kwargs = (list(inputs),), self.kwargs
         else:
-            args, kwargs = _fill(self.args, inputs), _fill(self.kwargs, inputs)
+            args, kwargs = fill(self.args, inputs), fill(self.kwargs, inputs)
         if self.mode_arg is not None:
             args, kwargs = self._with_mode(args, kwargs)
         call = self.call
@@ -167,18 +110,18 @@ class TensorOp(nn.Module):
         """The constant (non-input) arguments, by parameter name where known."""
         out: dict[str, Any] = {}
         for i, value in enumerate(self.args or ()):
-            if not _has_slot(value) and i != self.mode_arg:
+            if not has_slot(value) and i != self.mode_arg:
                 name = self.arg_names[i] if i < len(self.arg_names) else f"arg{i}"
                 out[name] = value
         for key, value in self.kwargs.items():
-            if not _has_slot(value) and key != self.mode_arg:
+            if not has_slot(value) and key != self.mode_arg:
                 out[key] = value
         return out
 
     def extra_repr(self) -> str:
         parts = [f"{k}={v!r}" for k, v in self.constants().items()]
         if self.call is not self.default_call:
-            parts.append(f"call={describe_call(self.call)}")
+            parts.append(f"call={callable_name(self.call)}")
         if self.inplace:
             parts.append("inplace=True")
         if self.mode_arg is not None:

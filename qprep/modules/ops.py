@@ -21,7 +21,7 @@ __all__ = [
     "Exp", "Log", "Log2", "Log1p", "Sqrt", "Rsqrt", "Abs", "Sign", "Square", "Floor", "Ceil",
     "Round", "Trunc", "Erf", "Sin", "Cos", "Atan2", "Expm1",
     "Mean", "Sum", "Prod", "Amax", "Amin", "Max", "Min", "Norm", "Cumsum", "Cumprod", "Var",
-    "Std", "LogSumExp", "Argmax", "Argmin",
+    "Std", "LogSumExp",
     "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "LogicalNot", "LogicalAnd", "LogicalOr", "BitwiseAnd",
     "BitwiseOr", "BitwiseXor", "BitwiseNot",
     "Functional",
@@ -93,10 +93,10 @@ for _name, _fn in [
     ("Mean", torch.mean), ("Sum", torch.sum), ("Prod", torch.prod), ("Amax", torch.amax),
     ("Amin", torch.amin), ("Max", torch.max), ("Min", torch.min), ("Norm", torch.norm),
     ("Cumsum", torch.cumsum), ("Cumprod", torch.cumprod), ("Var", torch.var), ("Std", torch.std),
-    ("LogSumExp", torch.logsumexp), ("Argmax", torch.argmax), ("Argmin", torch.argmin),
+    ("LogSumExp", torch.logsumexp),
 ]:
     _REDUCE[_name] = _op(_name, _fn, arg_names=("input", "dim"))
-Mean, Sum, Prod, Amax, Amin, Max, Min, Norm, Cumsum, Cumprod, Var, Std, LogSumExp, Argmax, Argmin = _REDUCE.values()
+Mean, Sum, Prod, Amax, Amin, Max, Min, Norm, Cumsum, Cumprod, Var, Std, LogSumExp = _REDUCE.values()
 
 # Comparisons and logic (wrapped where they feed compute, e.g. a mask).
 Eq = _op("Eq", operator.eq)

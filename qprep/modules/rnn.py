@@ -48,8 +48,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from .._compat import has_call_hooks, plain_calls_allowed
-from ..aliases import hide_aliases
+from ..core._compat import has_call_hooks, plain_calls_allowed
+from ..core.aliases import hide_aliases
 from .rnn_cells import ModularGRUCell, ModularLSTMCell, ModularRNNCell, _check_not_parametrized, _describe, _ModularCell
 from .rnn_cells import _cell_call_args, _cell_result  # noqa: F401  (fx-wrapped cell helpers, importable from here)
 
@@ -166,9 +166,6 @@ class _ModularStack(nn.Module):
 
     _float_cls: ClassVar[type[nn.RNNBase]]
     _cell_cls: ClassVar[type[_ModularCell]]
-    #: read by the ``split_reused_modules`` pass, which reports such modules instead of splitting them.
-    qprep_reuse_note: ClassVar[str] = (
-        "per-time-step cell modules are re-used across time steps by design; the stack is one call site in the graph")
     _config_attrs: ClassVar[tuple[str, ...]] = (
         "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 

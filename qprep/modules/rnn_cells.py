@@ -32,7 +32,7 @@ import torch.fx
 import torch.nn as nn
 from torch import Tensor
 
-from ..aliases import hide_aliases
+from ..core.aliases import hide_aliases
 from .ops import Add, Mul, Sub
 
 __all__ = ["ModularLSTMCell", "ModularGRUCell", "ModularRNNCell"]

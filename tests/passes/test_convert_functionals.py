@@ -6,9 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qprep
-from qprep.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS
-from qprep._compat import boolean_dispatch_parts
-from qprep.passes.convert_functionals import WITHOUT_MODULE
+from qprep.passes.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS
+from qprep.core._compat import boolean_dispatch_parts
+from qprep.passes.functional_table import WITHOUT_MODULE
 from tests.models import CallModel, FunctionalNet
 from tests.op_cases import FUNCTIONAL_CASES
 
@@ -167,7 +167,7 @@ def test_no_module_functional_uses_exact_wrapper():
     wrappers = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional)]
     assert {m.call for m in wrappers} == {F.normalize, F.interpolate}
     assert F.normalize in WITHOUT_MODULE
-    assert "F.normalize" in repr(gm.get_submodule("normalize"))
+    assert "torch.nn.functional.normalize" in repr(gm.get_submodule("normalize"))
     assert qprep.verify(model, gm, torch.rand(1, 2, 4, 4)).equal
 
 

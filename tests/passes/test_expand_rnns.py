@@ -14,8 +14,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import qprep
 from qprep.modules import ModularGRU, ModularGRUCell, ModularLSTM, ModularLSTMCell, ModularRNN, ModularRNNCell
 from qprep.modules.rnn import ONEDNN_LSTM_ATOL
-from qprep.passes.expand_rnns import RNN_TABLE
-from qprep.records import NOTE, REWRITTEN
+from qprep.passes.expand_rnns import NOTE_REUSE, RNN_TABLE
+from qprep.core.records import NOTE, REWRITTEN
 from qprep.verify import KERNEL_BOUNDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
@@ -141,9 +141,9 @@ def test_lm_default_kernels_within_the_documented_bound(lm):
 
 def test_lm_reuse_note_names_the_lstm(lm):
     _, gm, _ = lm
-    notes = _changes(gm, "split_reused_modules", NOTE)
+    notes = _changes(gm, "expand_rnns", NOTE)
     assert [(c.module_name, c.module_type) for c in notes] == [("lstm", "qprep.modules.ModularLSTM")]
-    assert notes[0].reason == ModularLSTM.qprep_reuse_note and "by design" in notes[0].reason
+    assert notes[0].reason == NOTE_REUSE and "by design" in notes[0].reason
     assert not _changes(gm, "split_reused_modules", REWRITTEN)
     rewritten = _changes(gm, "expand_rnns", REWRITTEN)
     assert [(c.module_name, c.target) for c in rewritten] == [("lstm", "torch.nn.LSTM")]
@@ -161,7 +161,7 @@ def test_expand_rnns_false_keeps_nn_lstm():
     model, tokens = TiedLM().eval(), torch.randint(0, VOCAB, (T, B))
     gm = qprep.prepare(model, tokens, expand_rnns=False)
     assert type(gm.lstm) is nn.LSTM
-    assert not _changes(gm, "expand_rnns", REWRITTEN) and not _changes(gm, "split_reused_modules", NOTE)
+    assert not _changes(gm, "expand_rnns", REWRITTEN) and not _changes(gm, "expand_rnns", NOTE)
     verification = gm.meta["qprep"]["preparation"].verification
     assert verification.equal and verification.reference == "default kernels"
 
@@ -249,7 +249,7 @@ def test_cell_called_in_a_loop_is_split_per_step_sharing_parameters(kind):
     for cell in cells[1:]:
         assert [id(p) for p in cell.parameters()] == [id(p) for p in cells[0].parameters()]
         assert cell.input_linear.weight is cells[0].weight_ih
-    assert not _changes(gm, "split_reused_modules", NOTE)  # cells are split, not noted
+    assert not _changes(gm, "expand_rnns", NOTE)  # cells are split, not noted
     assert list(gm.state_dict()) == list(model.state_dict())
     assert gm.meta["qprep"]["preparation"].verification.reference == "default kernels"
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_batch_first_bidirectional_lstm_two_levels_deep():
     gm = qprep.prepare(model, x)
     assert type(gm.encoder.rnn) is ModularLSTM and _no_torch_rnn_left(gm)
     assert gm.encoder.rnn.batch_first and gm.encoder.rnn.bidirectional
-    assert [c.module_name for c in _changes(gm, "split_reused_modules", NOTE)] == ["encoder.rnn"]
+    assert [c.module_name for c in _changes(gm, "expand_rnns", NOTE)] == ["encoder.rnn"]
     assert list(gm.state_dict()) == list(model.state_dict())
     _assert_verified(gm.meta["qprep"]["preparation"].verification, model, gm, (x,))
     with onednn_off():
@@ -312,7 +312,7 @@ def test_lstm_called_twice_is_cloned_sharing_parameters():
     assert [id(p) for p in gm.lstm_1.parameters()] == [id(p) for p in gm.lstm.parameters()]
     assert gm.lstm_1.layers[0].cell.input_linear.weight is gm.lstm.weight_ih_l0
     assert [c.module_name for c in _changes(gm, "split_reused_modules", REWRITTEN)] == ["lstm_1"]
-    assert [c.module_name for c in _changes(gm, "split_reused_modules", NOTE)] == ["lstm"]
+    assert [c.module_name for c in _changes(gm, "expand_rnns", NOTE)] == ["lstm"]
     assert list(gm.state_dict()) == list(model.state_dict())
     gm.load_state_dict(model.state_dict(), strict=True)
     _assert_verified(gm.meta["qprep"]["preparation"].verification, model, gm, (a, b))

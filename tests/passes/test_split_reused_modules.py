@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import qprep
 from qprep.passes.split_reused_modules import clone_sharing_tensors, split_reused_modules
-from qprep.tracer import trace
+from qprep.capture import trace
 from tests.models import ReusedBlock, SharedConv
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import qprep
-from qprep.passes.wrap_tensor_ops import FUNCTION_TABLE, METHOD_TABLE
+from qprep.capture import trace
+from qprep.passes.op_tables import FUNCTION_TABLE, METHOD_TABLE
+from qprep.passes.wrap_tensor_ops import wrap_tensor_ops
 from tests.models import CallModel
 from tests.op_cases import FUNCTION_CASES, METHOD_CASES
 
@@ -99,3 +101,56 @@ def test_inplace_stays_inplace_and_out_of_place_stays_out_of_place():
     x2 = x.clone()
     z, out = gm(x2, y)
     assert out is x2 and torch.equal(x2, x + y) and torch.equal(z, x + y)
+
+
+@torch.fx.wrap
+def clone(x):
+    """A user function that happens to share a data-movement method's name."""
+    return x * 3
+
+
+class StandAlone(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.relu(x) + x.sigmoid() + clone(x)
+
+
+def test_pass_alone_records_everything_it_leaves():
+    gm, _ = trace(StandAlone())
+    result = wrap_tensor_ops(gm, qprep.PrepareConfig())
+    skipped = {c.op: c.reason for c in result.skipped}
+    assert skipped["torch.nn.functional.relu"].startswith("a torch.nn.functional call")
+    assert skipped["Tensor.sigmoid"].startswith("a torch.nn.functional call")
+    assert [c.op for c in result.rewritten] == ["operator.add", "operator.add"]
+
+
+def test_ops_are_matched_by_identity_not_by_name():
+    gm, _ = trace(StandAlone())
+    result = wrap_tensor_ops(gm, qprep.PrepareConfig())
+    assert "unsupported op" in {c.op: c.reason for c in result.skipped}[f"{__name__}.clone"]
+    with pytest.raises(qprep.RewriteError, match="clone"):
+        qprep.prepare(StandAlone(), (torch.randn(3),), strict=True)
+
+
+class TopK(torch.nn.Module):
+    """A user's module for torch.topk, called with the call's own arguments."""
+
+    def forward(self, x, k, dim=-1):
+        return torch.topk(x, k, dim=dim)
+
+
+def test_user_op_modules_extend_the_tables():
+    model = CallModel(lambda x: torch.topk(torch.nn.functional.gelu(x), 2, dim=-1).values.cumsum(-1))
+    x = torch.randn(3, 5)
+    Cumsum = type("Cumsum", (qprep.modules.TensorOp,), {})
+    Gelu = type("Gelu", (qprep.modules.TensorOp,), {})
+    gm = qprep.prepare(model, (x,), op_modules={torch.topk: TopK, torch.nn.functional.gelu: Gelu, "cumsum": Cumsum})
+    modules = {name: type(m) for name, m in gm.named_modules() if name}
+    assert modules == {"topk": TopK, "gelu": Gelu, "cumsum": Cumsum}  # F.gelu: the user's module, not nn.GELU
+    assert "self.topk(gelu, 2, dim = -1)" in gm.code  # the call's own arguments
+    assert repr(gm.cumsum) == "Cumsum(arg1=-1, call=Tensor.cumsum)"
+    assert qprep.verify(model, gm, torch.randn(4, 5)).equal
+
+
+def test_op_modules_must_map_to_module_classes():
+    with pytest.raises(qprep.InputError, match="must be an nn.Module class"):
+        qprep.PrepareConfig(op_modules={torch.topk: torch.topk})

@@ -14,16 +14,21 @@ import dataclasses
 from typing import Callable
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._compat import boolean_dispatch_parts
-from .functional_params import PARAMETRIC_SPECS
-from .functional_spec import REQUIRED, BuildContext, Spec, Unconvertible
-from .functional_spec import params as _p
-from .functional_spec import simple as _simple
+from qprep.core import meta
+from qprep.core._compat import boolean_dispatch_parts
+from qprep.core.graph import lookup, member
+from qprep.passes.functional_params import PARAMETRIC_SPECS
+from qprep.passes.functional_spec import Spec, Unconvertible
+from qprep.passes.functional_spec import params as _p
+from qprep.passes.functional_spec import simple as _simple
 
-__all__ = ["Spec", "Unconvertible", "BuildContext", "FUNCTIONAL_SPECS", "METHOD_SPECS", "REQUIRED"]
+__all__ = [
+    "FUNCTIONAL_SPECS", "METHOD_SPECS", "WITHOUT_MODULE", "spec_for", "is_functional", "follows_training",
+]
 
 
 def _act(cls, *ctor, **fixed) -> Spec:
@@ -224,3 +229,48 @@ METHOD_SPECS: dict[str, Spec] = {
     "softmax": _softmax(nn.Softmax, False), "log_softmax": _softmax(nn.LogSoftmax, False),
     "flatten": FUNCTIONAL_SPECS[torch.flatten],
 }
+
+_NOT_OPS = frozenset({
+    "has_torch_function", "has_torch_function_unary", "has_torch_function_variadic",
+    "handle_torch_function", "boolean_dispatch", "assert_int_or_pair",
+})
+
+
+def _functionals_without_module() -> frozenset:
+    found = set()
+    for name, value in vars(F).items():
+        if name.startswith("_") or name in _NOT_OPS or isinstance(value, type) or not callable(value):
+            continue
+        module = getattr(value, "__module__", None)
+        if module in (None, "torch.nn.functional", "torch._C._nn", "torch") or type(value).__name__ == "builtin_function_or_method":
+            if value not in FUNCTIONAL_SPECS:
+                found.add(value)
+    return frozenset(found)
+
+
+#: ``torch.nn.functional`` functions with no ``nn`` module: kept in a Functional wrapper.
+WITHOUT_MODULE = _functionals_without_module()
+
+
+def spec_for(node: torch.fx.Node) -> Spec | None:
+    """The table entry for a functional call or its ``Tensor`` method twin, if any."""
+    if node.op == "call_function":
+        return lookup(FUNCTIONAL_SPECS, node.target)
+    if node.op == "call_method":
+        return METHOD_SPECS.get(node.target)
+    return None
+
+
+def follows_training(node: torch.fx.Node) -> bool:
+    """Whether a bool argument of this call is its scope module's ``self.training``."""
+    return bool(meta.fact(node, meta.FOLLOWS_TRAINING))
+
+
+def is_functional(node: torch.fx.Node) -> bool:
+    """Whether ``convert_functionals`` owns ``node`` (converts it or keeps it in an exact
+    wrapper): a functional or twin in the tables, a ``torch.nn.functional`` function with no
+    module, or any call whose bool argument follows ``self.training`` (its wrapper passes its
+    own mode, so the prepared model follows ``.train()``)."""
+    return (spec_for(node) is not None
+            or (node.op == "call_function" and member(WITHOUT_MODULE, node.target))
+            or follows_training(node))

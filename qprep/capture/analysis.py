@@ -9,22 +9,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .records import NOTE, Change
-from ._provenance import record_change
+from ..core import meta
+from ..core.graph import lookup
+from ..core.provenance import record_change
+from ..core.records import NOTE, Change
+from ..core.runtime import clone_tree, forked_rng, preserved_state
+from ..core.template import tree_any
+from ..modules import MODULE_TYPES
+from .compound import COMPOUND_NN
 
 __all__ = [
-    "record_types", "mark_training_dependence", "preserved_state", "may_depend_on_mode",
-    "MODE_SENSITIVE",
+    "record_types", "mark_training_dependence", "may_depend_on_mode", "has_mode_sensitive_calls", "MODE_SENSITIVE",
 ]
 
 #: Functionals that take a ``training`` flag: their presence alone asks for the second trace.
@@ -34,66 +38,27 @@ MODE_SENSITIVE: frozenset = frozenset({
 })
 
 
-@contextlib.contextmanager
-def preserved_state(*modules: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit, so
-    running a model to inspect or verify it leaves no trace on it."""
-    saved = []
-    for module in modules:
-        for buf in module.buffers():
-            saved.append((buf, buf.detach().clone()))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
-
-
-def forked_rng():
-    """``torch.random.fork_rng`` over the CPU and every visible CUDA device: running a
-    model to inspect or verify it leaves the caller's random streams where they were."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    return torch.random.fork_rng(devices=devices)
-
-
 def record_types(gm: torch.fx.GraphModule, inputs: tuple) -> None:
     """Run ``gm`` once on ``inputs`` and store what each node produced in
     ``meta["qprep"]["value"]``: its type, its shape if a tensor, and whether it holds
     tensors (a tuple from ``torch.max(x, dim)``, a ``PackedSequence``)."""
     with preserved_state(gm), torch.no_grad(), forked_rng():
-        _ValueRecorder(gm).run(*_clone(inputs))
+        _ValueRecorder(gm).run(*clone_tree(inputs))
 
 
 class _ValueRecorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         result = super().run_node(n)
         shape = tuple(result.shape) if isinstance(result, torch.Tensor) else None
-        n.meta.setdefault("qprep", {})["value"] = {
-            "type": type(result), "shape": shape, "has_tensor": _has_tensor(result),
-        }
+        meta.set_facts(n, **{meta.VALUE: {"type": type(result), "shape": shape, "has_tensor": _has_tensor(result)}})
         return result
 
 
 def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_tensor(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
-    return False
+    return tree_any(value, lambda v: isinstance(v, torch.Tensor))
 
 
-def _clone(value: Any) -> Any:
-    """Inputs are cloned before each run: a model may modify its inputs in place."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_clone(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
+_MODE_SENSITIVE = dict.fromkeys(MODE_SENSITIVE, True)
 
 
 def has_mode_sensitive_calls(gm: torch.fx.GraphModule) -> bool:
@@ -105,12 +70,7 @@ def has_mode_sensitive_calls(gm: torch.fx.GraphModule) -> bool:
 def _may_take_training(node: torch.fx.Node) -> bool:
     if node.op != "call_function":
         return False
-    try:
-        if node.target in MODE_SENSITIVE:
-            return True
-    except TypeError:  # an unhashable target
-        pass
-    return isinstance(node.kwargs.get("training"), bool)
+    return bool(lookup(_MODE_SENSITIVE, node.target)) or isinstance(node.kwargs.get("training"), bool)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,19 +93,14 @@ def may_depend_on_mode(model: nn.Module, leaf_types: tuple = ()) -> bool:
     whose code is traced (not a ``torch.nn`` leaf) reads ``training``."""
     for module in model.modules():
         cls = type(module)
-        if cls.__module__.startswith(("torch.nn.modules", "qprep.")) and not _compound(module):
+        if (cls.__module__.startswith("torch.nn.modules") or isinstance(module, MODULE_TYPES)) \
+                and not isinstance(module, COMPOUND_NN):
             continue
         if leaf_types and isinstance(module, leaf_types):
             continue
         if _class_reads_training(cls):
             return True
     return False
-
-
-def _compound(module: nn.Module) -> bool:
-    from .tracer import COMPOUND_NN
-
-    return isinstance(module, COMPOUND_NN)
 
 
 def _flips(node: torch.fx.Node, twin: torch.fx.Node) -> list[str | int]:
@@ -191,7 +146,7 @@ def mark_training_dependence(
         where = flips[0]
         value = node.args[where] if isinstance(where, int) else node.kwargs[where]
         if node.op == "call_function" and len(flips) == 1 and value == scope_training(node):
-            node.meta.setdefault("qprep", {}).update(follows_training=True, mode_arg=where)
+            meta.set_facts(node, **{meta.FOLLOWS_TRAINING: True, meta.MODE_ARG: where})
             continue
         reason = (f"arguments {flips} follow the module's mode in a way qprep cannot keep; "
                   f"the prepared graph keeps their {mode}-mode values")

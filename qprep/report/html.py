@@ -1,7 +1,7 @@
-"""The HTML rendering of a :class:`~qprep.report.Report`: one self-contained file.
+"""The HTML rendering of a :class:`~qprep.report.model.Report`: one self-contained file.
 
 :meth:`qprep.report.Report.html` is the public entry; it calls :func:`render`. The page's
-skeleton, CSS and JS are the template ``qprep/report.html`` (``string.Template`` fields:
+skeleton, CSS and JS are the template ``report.html`` beside this file (``string.Template`` fields:
 ``$title``, ``$verdict``, ``$verdict_class``, ``$stats``, ``$sections``); this module builds
 the fields from the same rows as the text and markdown reports.
 """
@@ -14,17 +14,17 @@ import importlib.resources
 import string
 from typing import TYPE_CHECKING, Any
 
-from .report import _fmt, source_uri
+from ..core.provenance import source_uri
 
 if TYPE_CHECKING:
-    from .report import Report
+    from .model import Report
 
 __all__ = ["render"]
 
 
 @functools.lru_cache(maxsize=1)
 def _template() -> string.Template:
-    text = importlib.resources.files("qprep").joinpath("report.html").read_text(encoding="utf-8")
+    text = importlib.resources.files("qprep.report").joinpath("report.html").read_text(encoding="utf-8")
     return string.Template(text.removesuffix("\n"))
 
 
@@ -136,8 +136,8 @@ def _html_diff(text: str) -> str:
 
 def render(report: Report) -> str:
     """The report as one HTML page (inline CSS and JS)."""
-    tables = report._rows("html")  # noqa: SLF001  (same rows as the text report)
-    status_before, status_after = report._status()  # noqa: SLF001
+    tables = report.rows("html")  # the same rows as the text report
+    status_before, status_after = report.status()
     links_before, links_after = {}, {}
     for c in report.rewrites:
         after = report.after_node(c)
@@ -157,11 +157,9 @@ def render(report: Report) -> str:
     params = (f'<span class="ok">unchanged</span>' if p["unchanged"]
               else '<span class="flag">DIFFERENT: preparation must not change the weights</span>')
     v = report.preparation.verification
-    verify_html = f"<p>{_e(report._verdict_line())}</p>"  # noqa: SLF001
+    verify_html = f"<p>{_e(report.verdict_line())}</p>"
     if v is not None:
-        rows = [(o.path, "yes" if o.equal else "NO", _fmt(o.max_abs_diff), "x".join(map(str, o.shape)), o.dtype, o.note)
-                for o in v.outputs + v.grads]
-        verify_html += _html_table(["output", "bitwise equal", "max abs diff", "shape", "dtype", "note"], rows)
+        verify_html += _html_table(list(v.HEADERS), v.rows())
     verdict_cls = report.verdict.replace(" ", "-")
     specialised = "".join(f"<p>Specialised at trace time: <code>{_e(k)}={_e(val)}</code></p>"
                           for k, val in summary["specialised"].items())
@@ -192,7 +190,7 @@ def render(report: Report) -> str:
              f'<b>{len(report.notes)}</b> notes · modules <b>{summary["modules"]["before"]} → {summary["modules"]["after"]}</b>'
              f' · parameters <b>{p["before"]} → {p["after"]}</b>')
     return _template().substitute(
-        title=_e(report._title()),  # noqa: SLF001
+        title=_e(report.title()),
         verdict=_e(report.verdict),
         verdict_class=verdict_cls,
         stats=stats,

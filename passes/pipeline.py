@@ -13,9 +13,13 @@ from typing import Callable, Sequence
 
 import torch.fx
 
-from .config import PrepareConfig
-from .errors import PassError, QprepError
-from .records import PassResult
+from qprep.core.config import PrepareConfig
+from qprep.core.errors import PassError, QprepError
+from qprep.core.records import PassResult
+from qprep.passes.convert_functionals import convert_functionals
+from qprep.passes.expand_rnns import expand_rnns
+from qprep.passes.split_reused_modules import split_reused_modules
+from qprep.passes.wrap_tensor_ops import wrap_tensor_ops
 
 __all__ = ["PIPELINE", "Pass", "run_pipeline", "pass_name"]
 
@@ -23,20 +27,10 @@ log = logging.getLogger("qprep")
 
 Pass = Callable[[torch.fx.GraphModule, PrepareConfig], PassResult]
 
-
-def _pipeline() -> tuple[Pass, ...]:
-    from qprep.passes.convert_functionals import convert_functionals
-    from qprep.passes.expand_rnns import expand_rnns
-    from qprep.passes.split_reused_modules import split_reused_modules
-    from qprep.passes.wrap_tensor_ops import wrap_tensor_ops
-
-    return (expand_rnns, convert_functionals, wrap_tensor_ops, split_reused_modules)
-
-
 #: The passes, in order: compound modules first (their new modules are single call sites),
 #: then functionals (so ``torch.relu`` becomes ``nn.ReLU`` rather than a wrapper), then the
 #: remaining tensor ops, and last the split of re-used modules.
-PIPELINE: tuple[Pass, ...] = _pipeline()
+PIPELINE: tuple[Pass, ...] = (expand_rnns, convert_functionals, wrap_tensor_ops, split_reused_modules)
 
 
 def pass_name(p: Pass) -> str:

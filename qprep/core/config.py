@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import torch.nn as nn
 
@@ -32,6 +32,13 @@ class PrepareConfig:
         trace_compound_nn: trace into ``torch.nn`` modules whose ``forward`` is plain Python
             (``nn.TransformerEncoderLayer``, ...) so their ops are prepared too; a module
             that cannot be traced is kept opaque and reported.
+        op_modules: extra op -> module mappings, which take precedence over qprep's tables:
+            ``{torch.topk: MyTopK, "cumsum": MyCumsum, F.gelu: MyGELU}``. A key is a callable
+            (matched by identity) or a ``Tensor`` method name. A value is an ``nn.Module``
+            class: a :class:`qprep.modules.TensorOp` subclass is built from the call (its
+            constants become attributes, as for qprep's own wrappers); any other module class
+            is built with no arguments and called with the call's own arguments, tensors and
+            constants alike (``self.topk(x, 3, dim=-1)``). Verification checks the result.
     """
 
     leaf_modules: tuple[Any, ...] = ()
@@ -41,6 +48,7 @@ class PrepareConfig:
     expand_rnns: bool = True
     expand_attention: bool = True
     trace_compound_nn: bool = True
+    op_modules: Mapping[Any, type] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.on_untraceable not in _ON_UNTRACEABLE:
@@ -54,3 +62,11 @@ class PrepareConfig:
         object.__setattr__(self, "leaf_modules", leaves)
         if self.concrete_args is not None and not isinstance(self.concrete_args, dict):
             raise InputError(f"concrete_args must be a dict of argument name -> value, got {type(self.concrete_args).__name__}")
+        if not isinstance(self.op_modules, Mapping):
+            raise InputError(f"op_modules must be a dict of op -> nn.Module class, got {type(self.op_modules).__name__}")
+        for op, cls in self.op_modules.items():
+            if not (isinstance(op, str) or callable(op)):
+                raise InputError(f"op_modules keys must be callables or Tensor method names, got {op!r}")
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise InputError(f"op_modules[{op!r}] must be an nn.Module class, got {cls!r}")
+        object.__setattr__(self, "op_modules", dict(self.op_modules))

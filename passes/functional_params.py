@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional_spec import BuildContext, Spec, Unconvertible, by_rank
-from .functional_spec import params as _p
+from qprep.passes.functional_spec import BuildContext, Spec, Unconvertible, by_rank
+from qprep.passes.functional_spec import params as _p
 
 __all__ = ["PARAMETRIC_SPECS"]
 

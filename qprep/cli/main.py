@@ -7,28 +7,23 @@ Subcommands: ``prepare``, ``diff``, ``verify``, ``check`` and ``demo``; ``qprep 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import io
 import json
 import os
 import pathlib
 import sys
 import warnings
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-from .cli_inputs import (  # noqa: F401  (build_inputs: still importable from qprep.cli)
-    UsageError,
-    build_inputs,
-    load_model,
-    need_inputs,
-    parse_int_range,
-    setup,
-)
-from .errors import InputError, QprepError, TraceError
+from ..api import diff, verify
+from ..core.errors import InputError, QprepError, TraceError
+from ..examples import EXAMPLES
+from ..report import jsonable
+from ..verify import run_trials, trials_table
+from .check import cmd_check
+from .inputs import UsageError, load_model, need_inputs, parse_int_range, setup
+from .run import equal, prepared_unchecked, prepared_with_verdict
 
 __all__ = ["main", "build_parser", "load_model", "EXIT_CODES"]
 
@@ -48,50 +43,11 @@ instance or a factory function (constructor/factory kwargs: --kwargs JSON). The 
 built after torch.manual_seed(--seed), so separate runs build the same weights."""
 
 
-@contextlib.contextmanager
-def _stderr_kept_on_success() -> Iterator[None]:
-    """Hold back what is written to stderr (torch's ShapeProp prints a traceback before
-    qprep turns the failure into a clear InputError); let it through only on success."""
-    held, real = io.StringIO(), sys.stderr
-    sys.stderr = held
-    try:
-        yield
-    finally:
-        sys.stderr = real
-    real.write(held.getvalue())
-
-
-def _prepared(model: nn.Module, inputs: tuple | None, options: dict):
-    """``qprep.prepare`` without the bitwise check (callers verify and report)."""
-    from .prepare import prepare
-
-    with _stderr_kept_on_success():
-        return prepare(model, inputs, check=False, **options)
-
-
-def _prepare(model: nn.Module, inputs: tuple | None, options: dict):
-    """Prepare without raising on a difference; the verdict is stored in the record."""
-    from .verify import verify
-
-    gm = _prepared(model, inputs, options)
-    if inputs is not None:
-        gm.meta["qprep"]["preparation"].verification = verify(model, gm, inputs)
-    return gm
-
-
-def _equal(gm) -> bool:
-    v = gm.meta["qprep"]["preparation"].verification
-    return v is None or v.equal
-
-
 # -- commands ----------------------------------------------------------------------------------
 def cmd_prepare(args) -> int:
-    from .report import diff
-    from .verify import verify
-
     model, inputs, options = setup(args)
     inputs = need_inputs(inputs, "prepare")
-    gm = _prepare(model, inputs, options)
+    gm = prepared_with_verdict(model, inputs, options)
     report = diff(model, gm)
     out = pathlib.Path(args.output)
     torch.save(gm, out)
@@ -102,14 +58,12 @@ def cmd_prepare(args) -> int:
         print(f"report written to {report.write(args.report)}")
     print(f"prepared model saved to {out} (load it with torch.load(path, weights_only=False); "
           f"the reloaded model computes the same: {'yes' if reload_ok else 'NO'})")
-    return 0 if _equal(gm) and reload_ok else 1
+    return 0 if equal(gm) and reload_ok else 1
 
 
 def cmd_diff(args) -> int:
-    from .report import diff
-
     model, inputs, options = setup(args)
-    gm = _prepare(model, inputs, options)
+    gm = prepared_with_verdict(model, inputs, options)
     report = diff(model, gm)
     if args.output and not args.format:
         report.write(args.output)
@@ -120,12 +74,10 @@ def cmd_diff(args) -> int:
             pathlib.Path(args.output).write_text(text + "\n", encoding="utf-8")
         else:
             print(text)
-    return 0 if _equal(gm) else 1
+    return 0 if equal(gm) else 1
 
 
 def cmd_verify(args) -> int:
-    from .testing import run_trials, trials_table
-
     model, inputs, options = setup(args)
     inputs = need_inputs(inputs, "verify")
     if args.prepared:
@@ -136,7 +88,7 @@ def cmd_verify(args) -> int:
         if not isinstance(prepared, nn.Module):
             raise UsageError(f"{args.prepared} holds a {type(prepared).__name__}, not a module")
     else:
-        prepared = _prepared(model, inputs, options)
+        prepared = prepared_unchecked(model, inputs, options)
     show = args.trials > 1 or sys.stderr.isatty()
 
     def progress(i: int, n: int, mode: str) -> None:
@@ -145,7 +97,7 @@ def cmd_verify(args) -> int:
 
     try:
         runs = run_trials(model, prepared, inputs, trials=args.trials, train=args.train, grad=args.grad,
-                          seed=args.seed, int_range=parse_int_range(args), progress=progress)
+                          seed=args.seed, int_range=parse_int_range(args), progress=progress, check=verify)
     except QprepError:
         raise
     except Exception as exc:  # noqa: BLE001  (a prepared model that cannot even run is not equivalent)
@@ -153,107 +105,14 @@ def cmd_verify(args) -> int:
         return 1
     ok = all(r.equal for r in runs)
     if args.json:
-        from .report import _jsonable
-
-        print(json.dumps(_jsonable({"schema": "qprep.verify/1", "equal": ok, "runs": [r.as_dict() for r in runs]}),
+        print(json.dumps(jsonable({"schema": "qprep.verify/1", "equal": ok, "runs": [r.as_dict() for r in runs]}),
                          indent=2, allow_nan=False))
     else:
         print(trials_table(runs))
     return 0 if ok else 1
 
 
-_FIX = {
-    "wrap_tensor_ops": "tensor op {op} is not a module, so a module-level quantizer misses it; "
-                       "fix: call a {module_type} module instead",
-    "convert_functionals": "functional call {op} is not a module, so a module-level quantizer misses it; "
-                           "fix: use a {module_type} module instead",
-    "split_reused_modules": "{op}: the module is called at several sites, so their statistics collide; "
-                            "fix: give this call its own {module_type} instance",
-    "expand_rnns": "{op} computes everything inside one fused kernel, so a quantizer sees only its inputs and "
-                   "outputs; fix: replace it with {module_type} (from_float keeps the weights)",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    """One thing ``qprep check`` found: where, what, and the fix."""
-
-    kind: str
-    location: str
-    code: str
-    op: str
-    message: str
-    suggested_module: str
-    suggested_name: str
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-_KINDS = {"wrap_tensor_ops": "tensor op", "convert_functionals": "functional",
-          "split_reused_modules": "re-used module", "expand_rnns": "recurrent/attention module"}
-
-
-def findings_of(report) -> list[Finding]:
-    """The rewritten records of a preparation, as readiness findings."""
-    found = []
-    for c in report.rewrites:
-        template = _FIX.get(c.pass_name, "{op} needs a rewrite; fix: use {module_type}")
-        message = template.format(op=c.op, module_type=c.module_type)
-        if c.reason:
-            message += f" ({c.reason})"
-        found.append(Finding(_KINDS.get(c.pass_name, c.pass_name), c.location, c.code, c.op, message,
-                             c.module_type, c.module_name))
-    return found
-
-
-def _gh_escape(text: str, prop: bool = False) -> str:
-    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-    return text.replace(":", "%3A").replace(",", "%2C") if prop else text
-
-
-def cmd_check(args) -> int:
-    from .report import Report, split_location
-
-    model, inputs, options = setup(args)
-    gm = _prepared(model, inputs, options)  # traces a copy and runs the pipeline on it
-    report = Report.of(gm, type(model).__name__)
-    findings = findings_of(report)
-    notes = [c for c in report.notes if c.pass_name == "trace"]
-    if args.format == "json":
-        print(json.dumps({"schema": "qprep.check/1", "model": type(model).__name__, "ready": not findings,
-                          "findings": [f.as_dict() for f in findings],
-                          "notes": [c.as_dict() for c in notes]}, indent=2))
-    elif args.format == "github":
-        for f in findings:
-            path, line = split_location(f.location)
-            where = f"file={_gh_escape(path, True)},line={line}," if line is not None else ""
-            print(f"::warning {where}title={_gh_escape('qprep: ' + f.kind, True)}::{_gh_escape(f.message)}")
-        for c in notes:
-            path, line = split_location(c.location)
-            where = f"file={_gh_escape(path, True)},line={line}," if line is not None else ""
-            print(f"::notice {where}title=qprep: not checked::{_gh_escape(c.op + ': ' + c.reason)}")
-    else:
-        from tabulate import tabulate
-
-        title = f"qprep check: {type(model).__name__}: "
-        if findings:
-            print(title + f"NOT READY: {len(findings)} op(s) a module-level quantizer would miss")
-            rows = [(f.location or "?", f.code, f.kind, f.message) for f in findings]
-            print(tabulate(rows, headers=["location", "code", "kind", "finding and fix"], maxcolwidths=[None, 40, None, 70]))
-        else:
-            print(title + "READY: every compute op is a module called at one site")
-        for c in notes:
-            print(f"not checked: {c.op} at {c.location or '?'}: {c.reason}")
-        print("qprep.prepare(model, example_inputs) makes all of these changes for you, bit for bit.")
-    return 1 if findings else 0
-
-
 def cmd_demo(args) -> int:
-    from .examples import EXAMPLES
-    from .report import diff
-    from .testing import run_trials, trials_table
-
     chosen = [e for e in EXAMPLES if not args.example or e.name in args.example]
     unknown = set(args.example or ()) - {e.name for e in EXAMPLES}
     if unknown:
@@ -268,15 +127,15 @@ def cmd_demo(args) -> int:
             torch.manual_seed(args.seed)
             model = example.build().eval()
             inputs = model.example_inputs()
-            gm = _prepare(model, inputs, {})
+            gm = prepared_with_verdict(model, inputs, {})
             report = diff(model, gm)
             print(report.text())
             print("\nverdict on more inputs, eval and train mode (dropout draws the same masks in both):")
-            runs = run_trials(model, gm, inputs, trials=args.trials, train=True, seed=args.seed)
+            runs = run_trials(model, gm, inputs, trials=args.trials, train=True, seed=args.seed, check=verify)
             print(trials_table(runs))
             if outdir:
                 print(f"report written to {report.write(outdir / f'{example.name}.html')}")
-            if not (_equal(gm) and all(r.equal for r in runs)):
+            if not (equal(gm) and all(r.equal for r in runs)):
                 status = 1
         except (ImportError, QprepError) as exc:
             print(f"example {example.name} could not run: {type(exc).__name__}: {_one_line(exc)}")

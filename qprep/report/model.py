@@ -1,19 +1,19 @@
 """The diff report: what :func:`qprep.prepare` did to a model, rendered from ONE object.
 
->>> report = qprep.report.diff(model, example_inputs=(x,))      # or diff(model, prepared)
+>>> report = qprep.diff(model, example_inputs=(x,))      # or qprep.diff(model, prepared)
 >>> print(report.text())                                          # terminal (tabulate)
 >>> report.write("report.html")                                   # .html / .md / .json / .txt
 
 A :class:`Report` is built from the :class:`~qprep.records.Change` records the passes
 returned (``Preparation.changes``), the tracer's notes, the snapshot of the traced graph
 before the passes (``Preparation.before``) and a snapshot of the prepared graph
-(:func:`qprep.prepare.snapshot`). Nothing is re-parsed from code. The renderings:
-:meth:`Report.text`, :meth:`Report.markdown`, :meth:`Report.html` (one self-contained file,
-rendered by :mod:`qprep.report_html`), :meth:`Report.json` / :meth:`Report.as_dict` and
-:meth:`Report.code_diff`.
+(:func:`snapshot`). Nothing is re-parsed from code. This module is the model: records,
+status, summary, rows and the JSON form; the renderings are :mod:`qprep.report.text`
+(text, markdown) and :mod:`qprep.report.html` (one self-contained file), reached through
+:meth:`Report.text`, :meth:`Report.markdown`, :meth:`Report.html`.
 
-JSON schema ``qprep.report/1`` (the JSON Schema document is ``qprep/report_schema.json``,
-:func:`json_schema` loads it, :func:`validate` checks a document). Fields of the
+JSON schema ``qprep.report/1`` (the JSON Schema document is ``qprep/report/report_schema.json``,
+:func:`qprep.report.json_schema` loads it, :func:`qprep.report.validate` checks a document). Fields of the
 top-level object:
 
 ``schema``
@@ -23,10 +23,10 @@ top-level object:
 ``passes``
     the pipeline's pass names, in the order they ran.
 ``config``
-    the :class:`~qprep.config.PrepareConfig` fields (types written as qualified names,
+    the :class:`~qprep.core.config.PrepareConfig` fields (types written as qualified names,
     other values as ``repr`` text where they are not JSON values).
 ``rewrites``, ``left_alone``, ``notes``
-    lists of records, each with every :class:`~qprep.records.Change` field (``pass_name``,
+    lists of records, each with every :class:`~qprep.core.records.Change` field (``pass_name``,
     ``action``, ``node``, ``op``, ``target``, ``location``, ``code``, ``module_name``,
     ``module_type``, ``reason``, ``scope``) plus ``after_node``: the name of the node of the
     prepared graph that calls the new module (rewrites; ``null`` otherwise), and
@@ -60,132 +60,57 @@ import dataclasses
 import difflib
 import functools
 import json
-import math
 import os
 import pathlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch.fx
 import torch.nn as nn
-from tabulate import tabulate
 
-from .errors import InputError
-from .prepare import Preparation, prepare, snapshot
-from .records import NOTE, REWRITTEN, SKIPPED, Change
+from ..core import meta
+from ..core.errors import InputError
+from ..core.graph import target_text, type_name
+from ..core.provenance import module_scope, source_location, source_uri, split_location  # noqa: F401  (re-exported)
+from ..core.records import NOTE, REWRITTEN, SKIPPED, Change, Preparation
+from ..core.text import fmt_float
+from . import html as _html
+from . import text as _text
+from .schema import SCHEMA, jsonable
 
-__all__ = ["Report", "diff", "SCHEMA", "json_schema", "validate"]
+__all__ = ["Report", "snapshot", "preparation_of", "split_location", "source_uri", "FORMATS"]
 
-SCHEMA = "qprep.report/1"
-_FORMATS = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown",
-            ".json": "json", ".txt": "text", ".text": "text"}
+#: report file suffix -> format.
+FORMATS = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown",
+           ".json": "json", ".txt": "text", ".text": "text"}
 _CODE_WIDTH = 56
 
 
-def json_schema() -> dict:
-    """The JSON Schema (draft 2020-12) that :meth:`Report.as_dict` follows."""
-    path = pathlib.Path(__file__).with_name("report_schema.json")
-    return json.loads(path.read_text(encoding="utf-8"))
+def snapshot(gm: torch.fx.GraphModule) -> dict:
+    """A plain-data picture of a graph for reports: its code and its nodes."""
+    nodes = []
+    for node in gm.graph.nodes:
+        module_type = ""
+        if node.op == "call_module":
+            module_type = type(gm.get_submodule(node.target)).__name__
+        nodes.append({
+            "name": node.name, "op": node.op, "target": target_text(node), "module_type": module_type,
+            "args": [a.name for a in node.all_input_nodes], "location": source_location(node),
+            "scope": module_scope(node), "meta": dict(meta.facts(node)),
+        })
+    modules = sum(1 for _ in gm.modules())
+    params = sum(p.numel() for p in gm.parameters())
+    return {"code": gm.code, "nodes": nodes, "modules": modules, "parameters": params}
 
 
-def validate(document: dict) -> None:
-    """Check ``document`` (e.g. ``json.load`` of a written report) against
-    :func:`json_schema`; raises ``ValueError`` naming the first field that does not match.
-
-    Uses ``jsonschema`` when it is installed (it is not a dependency of qprep), else a
-    small checker of the keywords the schema uses."""
-    schema = json_schema()
-    try:
-        import jsonschema
-    except ImportError:
-        _check(document, schema, schema, "$")
-        return
-    try:
-        jsonschema.validate(document, schema)
-    except jsonschema.ValidationError as exc:
-        where = "$" + "".join(f"[{p!r}]" for p in exc.absolute_path)
-        raise ValueError(f"{where}: {exc.message}") from None
-
-
-_JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-
-
-def _is(value: Any, kind: str) -> bool:
-    if kind in ("integer", "number"):
-        numeric = isinstance(value, int if kind == "integer" else (int, float))
-        return numeric and not isinstance(value, bool)
-    return isinstance(value, _JSON_TYPES[kind])
-
-
-def _check(value: Any, schema: dict, root: dict, where: str) -> None:
-    """The subset of JSON Schema that report_schema.json uses."""
-    if "$ref" in schema:
-        node: Any = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            node = node[part]
-        _check(value, node, root, where)
-    for sub in schema.get("allOf", []):
-        _check(value, sub, root, where)
-    if "oneOf" in schema:
-        passed = 0
-        for sub in schema["oneOf"]:
-            try:
-                _check(value, sub, root, where)
-                passed += 1
-            except ValueError:
-                pass
-        if passed != 1:
-            raise ValueError(f"{where}: matches {passed} of the oneOf alternatives, not exactly one")
-    kinds = schema.get("type")
-    if kinds is not None and not any(_is(value, k) for k in ([kinds] if isinstance(kinds, str) else kinds)):
-        raise ValueError(f"{where}: {value!r:.60} is not of type {kinds}")
-    if "const" in schema and value != schema["const"]:
-        raise ValueError(f"{where}: {value!r} is not {schema['const']!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise ValueError(f"{where}: {value!r} is not one of {schema['enum']}")
-    if "minimum" in schema and _is(value, "number") and value < schema["minimum"]:
-        raise ValueError(f"{where}: {value} is less than {schema['minimum']}")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                raise ValueError(f"{where}: {key!r} is a required property")
-        for key, item in value.items():
-            sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
-            if isinstance(sub, dict):
-                _check(item, sub, root, f"{where}[{key!r}]")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            _check(item, schema["items"], root, f"{where}[{i}]")
-
-
-def _preparation_of(module: Any) -> Preparation | None:
-    meta = getattr(module, "meta", None)
-    if not isinstance(meta, dict):
-        return None
-    found = (meta.get("qprep") or {}).get("preparation")
+def preparation_of(module: Any) -> Preparation | None:
+    """The :class:`~qprep.core.records.Preparation` a module returned by :func:`qprep.prepare`
+    carries, or ``None``."""
+    found = meta.graph_fact(module, meta.PREPARATION)
     return found if isinstance(found, Preparation) else None
 
 
-def diff(original: nn.Module, prepared: nn.Module | None = None, example_inputs: Any = None,
-         **prepare_options: Any) -> Report:
-    """The report of how ``prepared`` was made from ``original``.
-
-    When ``prepared`` carries ``meta["qprep"]["preparation"]`` (it came from
-    :func:`qprep.prepare` in this process), that record is used. Otherwise (``None``, a
-    GraphModule qprep did not make, or one loaded with ``torch.load``, which drops ``meta``)
-    ``original`` is prepared with ``example_inputs`` and ``prepare_options``.
-    """
-    preparation = _preparation_of(prepared)
-    if preparation is None:
-        prepared = prepare(original, example_inputs, **prepare_options)
-        preparation = _preparation_of(prepared)
-    elif example_inputs is not None or prepare_options:
-        raise InputError("diff(): example_inputs and prepare options are used only when prepared is not given")
-    return Report.of(prepared, type(original).__name__)
-
-
-def _submodules(gm: nn.Module, preparation: Preparation) -> dict:
-    from .graph_utils import type_name
-
+def submodules_of(gm: nn.Module, preparation: Preparation) -> dict:
     found = {}
     for change in preparation.changes:
         if change.action != REWRITTEN or not change.module_name:
@@ -200,42 +125,10 @@ def _submodules(gm: nn.Module, preparation: Preparation) -> dict:
     return found
 
 
-def _trace_note_record(note) -> Change:
+def trace_note_record(note) -> Change:
     return Change(pass_name="trace", action=NOTE, node="", op=f"self.{note.module} ({note.module_type})",
                   target=note.module_type, location=note.location, module_name=note.module,
                   module_type=note.module_type, reason=f"kept as an opaque leaf: {note.reason}")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if isinstance(value, type):
-        return f"{value.__module__}.{value.__qualname__}"
-    return repr(value)
-
-
-def _short(text: str, width: int = _CODE_WIDTH) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def split_location(location: str) -> tuple[str, int | None]:
-    """``("path/file.py", 42)`` from ``"path/file.py:42"``; ``(location, None)`` otherwise."""
-    path, _, line = location.rpartition(":")
-    return (path, int(line)) if path and line.isdigit() else (location, None)
-
-
-def source_uri(location: str) -> str:
-    """``file:///abs/path/file.py#L42`` for a ``file.py:42`` location, or ``""``."""
-    path, line = split_location(location)
-    if not path or line is None:
-        return ""
-    return pathlib.Path(os.path.abspath(path)).as_uri() + f"#L{line}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +136,8 @@ class Report:
     """How a model was prepared: the records, and the graph before and after.
 
     Args:
-        preparation: the :class:`~qprep.prepare.Preparation` stored on the prepared module.
-        after: :func:`qprep.prepare.snapshot` of the prepared module.
+        preparation: the :class:`~qprep.core.records.Preparation` stored on the prepared module.
+        after: :func:`snapshot` of the prepared module.
         model: the model's class name, for titles.
         submodules: for each new module that has submodules (a modular LSTM), their
             ``[relative name, type]`` pairs; :meth:`of` fills it in.
@@ -258,10 +151,11 @@ class Report:
     @classmethod
     def of(cls, prepared: torch.fx.GraphModule, model: str = "") -> Report:
         """The report of a module returned by :func:`qprep.prepare` in this process."""
-        preparation = _preparation_of(prepared)
+        preparation = preparation_of(prepared)
         if preparation is None:
-            raise InputError("this module carries no qprep preparation record: use qprep.report.diff(original, ...)")
-        return cls(preparation, snapshot(prepared), model or type(prepared).__name__, _submodules(prepared, preparation))
+            raise InputError("this module carries no qprep preparation record: use qprep.diff(original, ...)")
+        return cls(preparation, snapshot(prepared), model or type(prepared).__name__,
+                   submodules_of(prepared, preparation))
 
     # -- the records ----------------------------------------------------------------
     @property
@@ -286,7 +180,7 @@ class Report:
     @functools.cached_property
     def notes(self) -> tuple[Change, ...]:
         """``note`` records and the tracer's opaque leaves (as records of pass ``trace``)."""
-        traced = tuple(_trace_note_record(n) for n in self.preparation.trace_notes)
+        traced = tuple(trace_note_record(n) for n in self.preparation.trace_notes)
         return traced + tuple(c for c in self.preparation.changes if c.action == NOTE)
 
     @functools.cached_property
@@ -304,7 +198,8 @@ class Report:
             return None
         return self._callers.get(change.module_name)
 
-    def _status(self) -> tuple[dict, dict]:
+    def status(self) -> tuple[dict, dict]:
+        """Node name -> ``rewritten``/``left_alone``/``new``, for the graph before and after."""
         before = {c.node: "left_alone" for c in self.left_alone}
         before.update({c.node: "rewritten" for c in self.rewrites})
         after = {}
@@ -329,15 +224,15 @@ class Report:
             return "NOT VERIFIED"
         return "EQUIVALENT" if v.equal else "NOT EQUIVALENT"
 
-    def _verdict_line(self, label: bool = True) -> str:
+    def verdict_line(self, label: bool = True) -> str:
         v = self.preparation.verification
         if v is None:
             return "verification: not run (no example inputs)" if label else "NOT VERIFIED (no example inputs)"
-        text = f"{self.verdict} ({v.mode} mode, {v.reference}; max abs diff {_fmt(v.max_abs_diff)})"
+        text = f"{self.verdict} ({v.mode} mode, {v.reference}; max abs diff {fmt_float(v.max_abs_diff)})"
         if label:
             text = "verification: " + text
         if v.kernel_diff is not None:
-            text += f"; default fused kernels differ by {_fmt(v.kernel_diff)} (bound {_fmt(v.kernel_bound)})"
+            text += f"; default fused kernels differ by {fmt_float(v.kernel_diff)} (bound {fmt_float(v.kernel_bound)})"
         if v.first_bad_pass:
             text += f"; first pass that broke equality: {v.first_bad_pass}"
         return text
@@ -365,9 +260,7 @@ class Report:
     # -- data -----------------------------------------------------------------------
     def as_dict(self) -> dict:
         """The report as plain data, schema ``qprep.report/1`` (see the module docstring)."""
-        from . import __version__
-
-        status_before, status_after = self._status()
+        status_before, status_after = self.status()
 
         def graph(snap: dict, status: dict) -> dict:
             nodes = [{**n, "status": status.get(n["name"])} for n in snap["nodes"]]
@@ -380,9 +273,9 @@ class Report:
 
         config = {f.name: getattr(self.preparation.config, f.name) for f in dataclasses.fields(self.preparation.config)}
         v = self.preparation.verification
-        return _jsonable({
+        return jsonable({
             "schema": SCHEMA,
-            "qprep_version": __version__,
+            "qprep_version": _version(),
             "model": self.model,
             "passes": list(self.preparation.passes),
             "config": config,
@@ -405,11 +298,10 @@ class Report:
         lines = difflib.unified_diff(before, after, "before/forward", "after/forward", n=context, lineterm="")
         return "\n".join(lines)
 
-    # -- text -----------------------------------------------------------------------
-    def _rows(self, fmt: str) -> dict[str, tuple[list, list]]:
+    def rows(self, fmt: str) -> dict[str, tuple[list, list]]:
         """Headers and rows of the tables, shared by text, markdown and html."""
         def code(c: Change) -> str:
-            return _short(c.code) if fmt == "text" else c.code
+            return short(c.code) if fmt == "text" else c.code
 
         rewrites = [(code(c), c.op, c.location or "?", c.pass_name, c.module_name, c.module_type, c.reason)
                     for c in self.rewrites]
@@ -432,55 +324,27 @@ class Report:
             "counts": (["", "before", "after", ""], counts),
         }
 
-    def _title(self) -> str:
+    def title(self) -> str:
         return f"qprep report: {self.model}" if self.model else "qprep report"
 
     def text(self) -> str:
         """The report for a terminal."""
-        tables = self._rows("text")
-        out = [self._title(), ""]
-        for key, title in (("rewrites", "Rewritten"), ("left_alone", "Left alone"), ("notes", "Notes")):
-            headers, rows = tables[key]
-            out.append(f"{title} ({len(rows)})")
-            out.append(tabulate(rows, headers=headers) if rows else "  (none)")
-            out.append("")
-        out.append("Summary")
-        out.append(tabulate(tables["passes"][1], headers=tables["passes"][0]))
-        out.append("")
-        out.append(tabulate(tables["counts"][1], headers=tables["counts"][0]))
-        out.extend(f"specialised at trace time: {k}={v}" for k, v in self.summary()["specialised"].items())
-        out.append(self._verdict_line())
-        return "\n".join(out)
+        return _text.render_text(self)
 
     __str__ = text
 
     def markdown(self) -> str:
         """The report for a pull-request comment (GitHub-flavoured Markdown)."""
-        tables = self._rows("markdown")
-        badge = {"EQUIVALENT": "✅", "NOT EQUIVALENT": "❌"}.get(self.verdict, "⚪")
-        out = [f"## {self._title()}", "", f"{badge} {self._verdict_line(label=False).replace(self.verdict, f'**{self.verdict}**', 1)}", ""]
-        for key, title in (("rewrites", "Rewritten"), ("left_alone", "Left alone"), ("notes", "Notes")):
-            headers, rows = tables[key]
-            out.append(f"### {title} ({len(rows)})")
-            out.append("")
-            out.append(_md_table(headers, rows, code_cols={0, 1, 4} if key != "notes" else {0}) if rows else "_none_")
-            out.append("")
-        out += ["### Summary", "", _md_table(*tables["passes"]), "", _md_table(*tables["counts"]), ""]
-        out.extend(f"Specialised at trace time: `{k}={v}`" for k, v in self.summary()["specialised"].items())
-        out += ["<details><summary>Generated <code>forward</code>, before → after</summary>", "",
-                "```diff", self.code_diff(), "```", "", "</details>", ""]
-        return "\n".join(out)
+        return _text.render_markdown(self)
 
     def html(self) -> str:
         """One self-contained HTML file (inline CSS and JS, no network access)."""
-        from .report_html import render
-
-        return render(self)
+        return _html.render(self)
 
     def write(self, path: str | os.PathLike) -> pathlib.Path:
         """Write the report; the format follows the suffix: .html, .md, .json or .txt."""
         path = pathlib.Path(path)
-        fmt = _FORMATS.get(path.suffix.lower())
+        fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise InputError(f"cannot tell the report format from {path.name!r}: use .html, .md, .json or .txt")
         text = {"html": self.html, "markdown": self.markdown, "json": self.json, "text": self.text}[fmt]()
@@ -488,18 +352,12 @@ class Report:
         return path
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "inf" if math.isinf(value) else f"{value:.3g}"
+def _version() -> str:
+    try:
+        return version("qprep")
+    except PackageNotFoundError:
+        return "unknown"
 
 
-def _md_cell(value: Any, code: bool) -> str:
-    text = str(value).replace("|", "\\|").replace("\n", " ")
-    return f"`{text}`" if code and text else text
-
-
-def _md_table(headers: list, rows: list, code_cols: set = frozenset()) -> str:
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_md_cell(v, i in code_cols) for i, v in enumerate(row)) + " |" for row in rows]
-    return "\n".join(lines)
+def short(text: str, width: int = _CODE_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."

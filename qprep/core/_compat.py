@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.fx
+import torch.nn.functional as F
+from torch.nn.modules import transformer as _transformer
 
 __all__ = [
     "last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed",
-    "canonical_mask", "none_or_dtype", "detect_is_causal_mask",
+    "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
 ]
+
+#: The function torch.fx records for ``assert x is None`` checks on concrete arguments.
+assert_is_none = torch.fx._symbolic_trace._assert_is_none  # noqa: SLF001
 
 
 def last_node(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -67,19 +75,24 @@ def plain_calls_allowed() -> bool:
 
 def canonical_mask(**kwargs):
     """``torch.nn.functional._canonical_mask``: a bool mask as the float mask attention adds."""
-    import torch.nn.functional as F
-
     return F._canonical_mask(**kwargs)  # noqa: SLF001
 
 
 def none_or_dtype(value):
-    import torch.nn.functional as F
-
     return F._none_or_dtype(value)  # noqa: SLF001
 
 
 def detect_is_causal_mask(mask, is_causal, size):
     """``torch.nn.modules.transformer._detect_is_causal_mask``."""
-    from torch.nn.modules import transformer
+    return _transformer._detect_is_causal_mask(mask, is_causal, size)  # noqa: SLF001
 
-    return transformer._detect_is_causal_mask(mask, is_causal, size)  # noqa: SLF001
+
+@contextlib.contextmanager
+def mha_fastpath(enabled: bool) -> Iterator[None]:
+    """The ``nn.MultiheadAttention`` / ``nn.Transformer*`` fused fast path on or off, restored after."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)

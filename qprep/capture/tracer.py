@@ -8,7 +8,7 @@ Differences from ``torch.fx.symbolic_trace``:
 * ``y += z`` on a traced tensor is recorded as ``operator.iadd`` (plain fx records
   ``operator.add``, which breaks aliasing: a tensor bound to ``y`` before the ``+=`` would
   see a different value than in eager mode);
-* ``torch.nn`` leaf modules and qprep's own modules are leaves; compound ``torch.nn``
+* ``torch.nn`` leaf modules and qprep's own modules (by type) are leaves; compound ``torch.nn``
   modules whose ``forward`` is plain Python (``nn.TransformerEncoderLayer``) are traced
   into when possible and kept opaque, with a note, when not;
 * a failure inside user code raises :class:`~qprep.errors.TraceError` naming the module,
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import dataclasses
 import functools
 import linecache
 import operator
@@ -32,14 +31,18 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from ._compat import last_node
-from .compound import TRACEABLE_FORWARDS
-from .config import PrepareConfig
-from .errors import InputError, TraceError
+from ..core import meta
+from ..core._compat import last_node, mha_fastpath
+from ..core.config import PrepareConfig
+from ..core.errors import InputError, TraceError
+from ..core.records import TraceNote
+from ..core.template import tree_any
+from ..modules import MODULE_TYPES
+from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
 
 __all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote"]
 
-_QPREP_DIR = os.path.dirname(os.path.abspath(__file__))
+_QPREP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 # Frames never shown as a node's source: qprep's own machinery (not its examples) and
 # torch's call plumbing. Directory prefixes end in a separator: torch/ is not torchvision/.
@@ -55,14 +58,6 @@ _SKIP_FRAMES = (
 )
 _EXAMPLES = os.path.join(_QPREP_DIR, "examples.py")
 
-# torch.nn modules traced into (not leaves) when config.trace_compound_nn is on.
-COMPOUND_NN = (
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-    nn.TransformerEncoder,
-    nn.TransformerDecoder,
-    nn.Transformer,
-)
 # Containers: never leaves.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -99,16 +94,6 @@ def _make_inplace(op):
 
 for _name, _op in _INPLACE_MAGIC.items():
     setattr(QprepProxy, f"__{_name}__", _make_inplace(_op))
-
-
-@dataclasses.dataclass(frozen=True)
-class TraceNote:
-    """A submodule the tracer kept opaque, and why."""
-
-    module: str
-    module_type: str
-    reason: str
-    location: str = ""
 
 
 def _user_frame(tb) -> traceback.FrameSummary | None:
@@ -184,7 +169,7 @@ class QprepTracer(torch.fx.Tracer):
             return True
         if isinstance(m, _CONTAINERS):
             return False
-        if type(m).__module__.startswith("qprep."):
+        if isinstance(m, MODULE_TYPES):
             return True
         if self.config.trace_compound_nn and isinstance(m, COMPOUND_NN):
             return False
@@ -300,11 +285,7 @@ _FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "randint", "eye
 
 
 def _has_proxy(value) -> bool:
-    if isinstance(value, torch.fx.Proxy):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_proxy(v) for v in value)
-    return False
+    return tree_any(value, lambda v: isinstance(v, torch.fx.Proxy))
 
 
 def _traced_factory(fn):
@@ -345,12 +326,10 @@ def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.
         raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
     config = config or PrepareConfig()
     tracer = QprepTracer(config)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         # Trace the math path of nn.MultiheadAttention / nn.Transformer* (the fused fast
         # path is one opaque kernel); verification measures the difference to it.
-        torch.backends.mha.set_fastpath_enabled(False)
-        with _tracing_builtins():
+        with mha_fastpath(False), _tracing_builtins():
             graph = tracer.trace(model, concrete_args=config.concrete_args)
     except TraceError:
         raise
@@ -358,14 +337,12 @@ def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.
         frame = _user_frame(exc.__traceback__)
         location = f"{os.path.relpath(frame.filename)}:{frame.lineno}" if frame else ""
         raise _trace_error("", model, location, _describe_failure(exc), exc) from exc
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     if gm.graph.eliminate_dead_code(is_impure_node=_is_impure):
         gm.recompile()
     aliases = _module_aliases(model)
     if aliases:
-        gm.meta.setdefault("qprep", {})["module_aliases"] = aliases
+        meta.set_graph_facts(gm, **{meta.MODULE_ALIASES: aliases})
     return gm, tracer.notes
 
 

@@ -1,5 +1,7 @@
-"""The records passes return: :class:`Change` (one per node rewritten or left alone) and
-:class:`PassResult` (what one pass did). Reports are rendered from these, never re-parsed."""
+"""The records the stages hand each other and the reports render: :class:`Change` (one per
+node a pass rewrote or left alone), :class:`PassResult` (what one pass did),
+:class:`TraceNote` (a submodule the tracer kept opaque) and :class:`Preparation` (everything
+about one :func:`qprep.prepare` run). Reports are rendered from these, never re-parsed."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 import torch.fx
 
-__all__ = ["Change", "PassResult", "REWRITTEN", "SKIPPED", "NOTE"]
+__all__ = ["Change", "PassResult", "TraceNote", "Preparation", "REWRITTEN", "SKIPPED", "NOTE"]
 
 #: ``Change.action`` values.
 REWRITTEN = "rewritten"  # the node now calls ``Change.module_name``
@@ -56,9 +58,10 @@ class Change:
 
 @dataclasses.dataclass(frozen=True)
 class PassResult:
-    """What one pass returned: the graph module (mutated in place and returned), whether
-    anything changed, and the records."""
+    """What one pass returned: its name, the graph module (mutated in place and returned),
+    whether anything changed, and the records."""
 
+    pass_name: str
     graph_module: torch.fx.GraphModule
     changed: bool
     changes: tuple[Change, ...] = ()
@@ -70,3 +73,43 @@ class PassResult:
     @property
     def skipped(self) -> tuple[Change, ...]:
         return tuple(c for c in self.changes if c.action == SKIPPED)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceNote:
+    """A submodule the tracer kept opaque, and why."""
+
+    module: str
+    module_type: str
+    reason: str
+    location: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preparation:
+    """Everything a report needs about one :func:`qprep.prepare` run; stored on the prepared
+    module as ``gm.meta["qprep"]["preparation"]`` (:data:`qprep.core.meta.PREPARATION`).
+
+    Attributes:
+        config: the :class:`~qprep.core.config.PrepareConfig` used.
+        passes: the names of the passes that ran, in order.
+        changes: the analysis notes, then every pass's records, in pipeline order.
+        trace_notes: submodules the tracer kept opaque.
+        before: the snapshot of the traced graph before the passes (``qprep.report.snapshot``).
+        specialised: forward arguments fixed at trace time -> their values.
+        changed: pass name -> whether it changed the graph.
+        verification: the :class:`qprep.verify.VerifyResult`, or ``None`` when not verified.
+    """
+
+    config: Any
+    passes: tuple[str, ...]
+    changes: tuple[Change, ...]
+    trace_notes: tuple[TraceNote, ...]
+    before: dict
+    specialised: dict = dataclasses.field(default_factory=dict)
+    changed: dict = dataclasses.field(default_factory=dict)
+    verification: Any = None
+
+    def verified(self, result: Any) -> Preparation:
+        """A copy of this record with ``verification`` set to ``result``."""
+        return dataclasses.replace(self, verification=result)

@@ -1,5 +1,5 @@
-"""Helpers the passes share: what a node computes, naming new modules, swapping a node
-for a module call."""
+"""Graph helpers the stages share: what a node computes, naming new modules, swapping a node
+for a module call, looking a target up in a table."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from . import meta
 from ._compat import rename_like_fx
-from ._provenance import stamp
-from .modules.base import Input
+from .provenance import stamp
+from .text import callable_name
 
 __all__ = [
     "produces_tensor",
@@ -23,7 +24,9 @@ __all__ = [
     "node_inputs",
     "resolve_attr",
     "target_text",
-    "call_template",
+    "lookup",
+    "member",
+    "short_name",
     "erase_unused_attrs",
     "type_name",
     "retarget_scope",
@@ -39,15 +42,36 @@ _META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "require
 
 
 def example_value(node: torch.fx.Node) -> dict | None:
-    """What the node produced on the example inputs (:func:`qprep.analysis.record_types`):
+    """What the node produced on the example inputs (:data:`qprep.core.meta.VALUE`):
     ``{"type", "shape", "has_tensor"}``, or ``None`` when no example inputs were run."""
-    return (node.meta.get("qprep") or {}).get("value")
+    return meta.fact(node, meta.VALUE)
+
+
+def lookup(table: dict, target: Any) -> Any:
+    """``table.get(target)``, ``None`` for an unhashable target (a bound method of a tensor)."""
+    try:
+        return table.get(target)
+    except TypeError:
+        return None
+
+
+def member(collection, target: Any) -> bool:
+    """``target in collection``, ``False`` for an unhashable target."""
+    try:
+        return target in collection
+    except TypeError:
+        return False
+
+
+def short_name(node: torch.fx.Node) -> str:
+    """The op's bare name: ``add_`` for ``x.add_()``, ``relu`` for ``F.relu``."""
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
 
 
 def produces_tensor(node: torch.fx.Node, memo: dict | None = None) -> bool:
     """Whether ``node`` computes a tensor (or a tuple of them), not shape arithmetic.
 
-    Uses the value seen on example inputs when :func:`qprep.analysis.record_types` ran,
+    Uses the value seen on example inputs when they were given,
     else static rules: ``x.size(0) // 2`` is an int, ``x + 1`` is a tensor when ``x`` is.
     Unknown values count as tensors (wrapping an int op in a module is still exact).
     A caller asking about many nodes in graph order passes one ``memo`` dict, so each
@@ -94,19 +118,6 @@ def _static_rule(node: torch.fx.Node, memo: dict) -> bool:
     return False
 
 
-def call_template(node: torch.fx.Node) -> tuple[tuple, dict, list[torch.fx.Node]]:
-    """Args/kwargs with every Node replaced by an :class:`Input` slot, and the Nodes."""
-    inputs: list[torch.fx.Node] = []
-
-    def slot(n: torch.fx.Node) -> Input:
-        inputs.append(n)
-        return Input(len(inputs) - 1)
-
-    args = torch.fx.node.map_arg(node.args, slot)
-    kwargs = torch.fx.node.map_arg(node.kwargs, slot)
-    return tuple(args), dict(kwargs), inputs
-
-
 def node_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes in ``node``'s args and kwargs, in order, with repeats."""
     found: list[torch.fx.Node] = []
@@ -127,18 +138,11 @@ def resolve_attr(gm: torch.fx.GraphModule, node: Any) -> Any:
 def target_text(node: torch.fx.Node) -> str:
     """A stable textual name of the node's target: ``operator.iadd``, ``torch.cat``,
     ``torch.nn.functional.relu``, ``Tensor.add_``, or the module path."""
-    target = node.target
     if node.op == "call_method":
-        return f"Tensor.{target}"
+        return callable_name(node.target)
     if node.op in ("call_module", "get_attr", "placeholder", "output"):
-        return str(target)
-    module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__name__", repr(target))
-    if module in ("_operator", "operator"):
-        return f"operator.{name}"
-    if not module or module.startswith("torch._C") or module == "torch._VariableFunctions":
-        return f"torch.{name}"
-    return f"{module}.{name}"
+        return str(node.target)
+    return callable_name(node.target)
 
 
 class ModuleNamer:

@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ._compat import canonical_mask, detect_is_causal_mask, none_or_dtype
+from ..core._compat import canonical_mask, detect_is_causal_mask, none_or_dtype
 
-__all__ = ["TRACEABLE_FORWARDS"]
+__all__ = ["TRACEABLE_FORWARDS", "COMPOUND_NN"]
+
+#: ``torch.nn`` modules traced into (not leaves) when ``config.trace_compound_nn`` is on.
+COMPOUND_NN = (
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
 
 
 def _encoder_forward(self: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):

@@ -9,17 +9,18 @@ from __future__ import annotations
 import functools
 import linecache
 import os
+import pathlib
 import re
 from typing import Any
 
 import torch
 import torch.fx
 
+from . import meta
 from .records import Change
 
-__all__ = ["source_location", "source_code", "module_scope", "record_change", "stamp"]
+__all__ = ["source_location", "source_code", "module_scope", "record_change", "stamp", "split_location", "source_uri"]
 
-META_KEY = "qprep"
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 
 
@@ -28,7 +29,7 @@ _TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
 
 def _frames(node: torch.fx.Node) -> tuple[tuple[str, int, str], ...]:
     """``(file, line, code)`` for each frame of the node's recorded stack trace."""
-    return _parse_trace(node.meta.get("stack_trace") or "")
+    return _parse_trace(node.meta.get(meta.STACK_TRACE) or "")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -86,7 +87,7 @@ def source_code(node: torch.fx.Node) -> str:
 def module_scope(node: torch.fx.Node) -> str:
     """Qualified name of the innermost user module whose ``forward`` made ``node``
     (``""`` for the root). For a ``call_module`` node this is the caller's scope."""
-    stack = node.meta.get("nn_module_stack") or {}
+    stack = node.meta.get(meta.MODULE_STACK) or {}
     if not stack:
         return ""
     entries = list(stack.values())
@@ -98,7 +99,7 @@ def module_scope(node: torch.fx.Node) -> str:
 
 def stamp(node: torch.fx.Node, pass_name: str, action: str, origin: Any) -> None:
     """Record in ``node.meta["qprep"]`` that ``pass_name`` made ``node`` from ``origin``."""
-    node.meta[META_KEY] = {**(node.meta.get(META_KEY) or {}), "pass": pass_name, "action": action, "from": origin}
+    meta.set_facts(node, **{meta.PASS: pass_name, meta.ACTION: action, meta.FROM: origin})
 
 
 def record_change(node: torch.fx.Node, pass_name: str, action: str, op: str, target: str = "", **fields) -> Change:
@@ -114,3 +115,17 @@ def record_change(node: torch.fx.Node, pass_name: str, action: str, op: str, tar
         scope=fields.pop("scope", None) if "scope" in fields else module_scope(node),
         **fields,
     )
+
+
+def split_location(location: str) -> tuple[str, int | None]:
+    """``("path/file.py", 42)`` from ``"path/file.py:42"``; ``(location, None)`` otherwise."""
+    path, _, line = location.rpartition(":")
+    return (path, int(line)) if path and line.isdigit() else (location, None)
+
+
+def source_uri(location: str) -> str:
+    """``file:///abs/path/file.py#L42`` for a ``file.py:42`` location, or ``""``."""
+    path, line = split_location(location)
+    if not path or line is None:
+        return ""
+    return pathlib.Path(os.path.abspath(path)).as_uri() + f"#L{line}"

@@ -1,9 +1,10 @@
 """Bit-exact verification: does the prepared model compute what the original computes?
 
-Outputs (tensors, tuples, lists, dicts, namedtuples, nested) are compared with
-``torch.equal``; each output gets a row with its max abs difference. When they differ and
-the original came from :func:`qprep.prepare`, the pipeline is replayed pass by pass on a
-fresh trace of the original to name the first pass that broke equality.
+Outputs are compared leaf by leaf with ``torch.equal``, and their containers by type and
+keys (tensors, tuples, lists, dicts, namedtuples, dataclasses and Hugging Face
+``ModelOutput`` objects, nested); each output gets a row with its max abs difference.
+(Naming the pass that broke equality replays the pipeline: :func:`qprep.verify` does that,
+on top of :func:`verify_outputs` here.)
 
 The one measured exception: kernels the modular versions cannot reproduce bit for bit
 (oneDNN's fused LSTM/GRU/RNN on CPU, the fused fast path of ``nn.MultiheadAttention``).
@@ -18,18 +19,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn as nn
 from tabulate import tabulate
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .analysis import _clone, forked_rng, preserved_state
-from .errors import InputError
-from .inputs import as_positional
-from .modules.rnn import ONEDNN_LSTM_ATOL
+from ..core._compat import mha_fastpath
+from ..core.errors import InputError
+from ..core.inputs import as_positional
+from ..core.runtime import clone_tree, preserved_state, seeded
+from ..core.text import fmt_float
+from ..modules.rnn import ONEDNN_LSTM_ATOL
 
-__all__ = ["verify", "VerifyResult", "OutputCheck", "KERNEL_BOUNDS", "native_kernels"]
+__all__ = ["verify_outputs", "VerifyResult", "OutputCheck", "KERNEL_BOUNDS", "native_kernels", "compare"]
 
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder)
@@ -38,6 +42,7 @@ _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerD
 #: above the largest measured (oneDNN LSTM 5.4e-7; SDPA flash 9.5e-7, MHA fast path
 #: 4.8e-7), see qprep/modules/rnn.py and attention.py and their tests.
 KERNEL_BOUNDS = {"recurrent (oneDNN)": ONEDNN_LSTM_ATOL, "attention (fast path)": 2e-6}
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +57,7 @@ class OutputCheck:
     note: str = ""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class VerifyResult:
     """The verdict. ``bool(result)`` is ``result.equal``."""
 
@@ -66,6 +71,9 @@ class VerifyResult:
     trials: int = 1
     grads: list[OutputCheck] = dataclasses.field(default_factory=list)
 
+    #: Headers of :meth:`rows`.
+    HEADERS: ClassVar[tuple[str, ...]] = ("output", "bitwise equal", "max abs diff", "shape", "dtype", "note")
+
     def __bool__(self) -> bool:
         return self.equal
 
@@ -74,13 +82,16 @@ class VerifyResult:
         diffs = [o.max_abs_diff for o in self.outputs + self.grads]
         return max(diffs) if diffs else 0.0
 
+    def rows(self) -> list[tuple]:
+        """One row per output and gradient: path, equal, max abs diff, shape, dtype, note."""
+        return [(o.path, "yes" if o.equal else "NO", fmt_float(o.max_abs_diff), "x".join(map(str, o.shape)), o.dtype,
+                 o.note) for o in self.outputs + self.grads]
+
     def table(self) -> str:
-        rows = [(o.path, "yes" if o.equal else "NO", _fmt(o.max_abs_diff), "x".join(map(str, o.shape)), o.dtype, o.note)
-                for o in self.outputs + self.grads]
-        text = tabulate(rows, headers=["output", "bitwise equal", "max abs diff", "shape", "dtype", "note"])
+        text = tabulate(self.rows(), headers=list(self.HEADERS))
         lines = [text, f"verdict: {'EQUIVALENT' if self.equal else 'NOT EQUIVALENT'} ({self.mode} mode, {self.reference})"]
         if self.kernel_diff is not None:
-            lines.append(f"default fused kernels differ by {_fmt(self.kernel_diff)} (bound {_fmt(self.kernel_bound)})")
+            lines.append(f"default fused kernels differ by {fmt_float(self.kernel_diff)} (bound {fmt_float(self.kernel_bound)})")
         if self.first_bad_pass:
             lines.append(f"first pass that broke equality: {self.first_bad_pass}")
         return "\n".join(lines)
@@ -96,49 +107,51 @@ class VerifyResult:
         }
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
-
-
 @contextlib.contextmanager
 def native_kernels() -> Iterator[None]:
     """The unfused kernels the modular versions reproduce: oneDNN off (ATen's native RNN
     kernels), the ``nn.MultiheadAttention`` fast path off, SDPA on its math kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False), sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    with mha_fastpath(False), torch.backends.mkldnn.flags(enabled=False), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
-def _walk(value: Any, path: str = "output") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, torch.Tensor):
-        yield path, value
-    elif hasattr(value, "_fields") and isinstance(value, tuple):  # namedtuple
-        for name in value._fields:
-            yield from _walk(getattr(value, name), f"{path}.{name}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            yield from _walk(v, f"{path}[{i}]")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _walk(v, f"{path}[{k!r}]")
-    elif hasattr(value, "to_tuple") and callable(value.to_tuple):  # HF ModelOutput
-        yield from _walk(dict(value.items()), path)
-    else:
-        yield path, value
+def _fields(value: Any) -> list[tuple[str, Any]] | None:
+    """The children of a container output as ``(path suffix, value)``; ``None`` for a leaf."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return [(f".{name}", getattr(value, name)) for name in value._fields]
+    if hasattr(value, "to_tuple") and isinstance(value, dict):  # Hugging Face ModelOutput
+        return [(f".{k}", v) for k, v in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [(f"[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return [(f"[{k!r}]", v) for k, v in value.items()]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    return None
 
 
-def compare(a: Any, b: Any, prefix: str = "output") -> list[OutputCheck]:
-    """Compare two output structures leaf by leaf with ``torch.equal``."""
-    left, right = list(_walk(a, prefix)), list(_walk(b, prefix))
-    if [p for p, _ in left] != [p for p, _ in right]:
-        return [OutputCheck(prefix, False, math.inf, note=f"structure differs: {len(left)} vs {len(right)} leaves")]
-    return [_check(path, x, y) for (path, x), (_, y) in zip(left, right)]
+def leaves(value: Any, path: str = "output") -> list[tuple[str, Any]]:
+    """``(path, leaf)`` for every non-container in an output structure."""
+    children = _fields(value)
+    if children is None:
+        return [(path, value)]
+    return [leaf for suffix, child in children for leaf in leaves(child, path + suffix)]
+
+
+def compare(a: Any, b: Any, path: str = "output") -> list[OutputCheck]:
+    """Compare two output structures: containers by type and keys, leaves with ``torch.equal``."""
+    left, right = _fields(a), _fields(b)
+    if left is None and right is None:
+        return [_check(path, a, b)]
+    if type(a) is not type(b):
+        return [OutputCheck(path, False, math.inf, note=f"type differs: {_type_name(a)} vs {_type_name(b)}")]
+    if [k for k, _ in left] != [k for k, _ in right]:
+        return [OutputCheck(path, False, math.inf, note=f"keys differ: {[k for k, _ in left]} vs {[k for k, _ in right]}")]
+    return [check for (suffix, x), (_, y) in zip(left, right) for check in compare(x, y, path + suffix)]
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__qualname__
 
 
 def _check(path: str, x: Any, y: Any) -> OutputCheck:
@@ -160,21 +173,20 @@ def _check(path: str, x: Any, y: Any) -> OutputCheck:
 def _run(model: nn.Module, args: tuple, seed: int, params: list | None) -> tuple[Any, list]:
     """Run with a fixed RNG seed; with ``params`` (a list), also return the gradients of
     the sum of outputs w.r.t. the floating-point inputs and those parameters."""
-    args = _clone(args)
-    with forked_rng():
-        torch.manual_seed(seed)
+    args = clone_tree(args)
+    with seeded(seed):
         if params is None:
             with torch.no_grad():
                 return model(*args), []
-        leaves = [a.requires_grad_() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        wrt = [a.requires_grad_() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
         # The model gets a copy of each leaf: a forward that updates its input in place
         # (x.add_(y)) may not do so on a leaf that requires grad.
-        out = model(*(a.clone() if any(a is leaf for leaf in leaves) else a for a in args))
-    tensors = [t for _, t in _walk(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        out = model(*(a.clone() if any(a is leaf for leaf in wrt) else a for a in args))
+    tensors = [t for _, t in leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not tensors:
         return out, []
     total = sum(t.double().sum() for t in tensors)
-    return out, list(torch.autograd.grad(total, leaves + params, allow_unused=True))
+    return out, list(torch.autograd.grad(total, wrt + params, allow_unused=True))
 
 
 def _shared_params(original: nn.Module, prepared: nn.Module) -> tuple[list, list]:
@@ -204,7 +216,7 @@ def _has(model: nn.Module, kinds: tuple) -> bool:
     return any(isinstance(m, kinds) for m in model.modules())
 
 
-def verify(
+def verify_outputs(
     original: nn.Module,
     prepared: nn.Module,
     inputs: Any,
@@ -212,19 +224,18 @@ def verify(
     train: bool | None = None,
     grad: bool = False,
     seed: int = 0,
-    replay: bool = True,
 ) -> VerifyResult:
-    """Compare ``prepared`` with ``original`` on ``inputs`` (a tensor or a tuple of
-    positional arguments), bitwise.
+    """Compare ``prepared`` with ``original`` on ``inputs`` (a tensor, a tuple of positional
+    arguments or a dict of keyword arguments), bitwise: every output leaf with
+    ``torch.equal``, every container by type and keys.
 
     Args:
         train: run both in train mode (``True``), eval mode (``False``), or each in the mode
             it is in (``None``). Modes are restored afterwards; so are all buffers.
         grad: also compare the gradients of the sum of outputs w.r.t. the floating-point
             inputs and every parameter.
-        seed: the RNG seed both runs start from (dropout draws the same masks).
-        replay: when outputs differ and ``prepared`` came from :func:`qprep.prepare`,
-            name the first pass that broke equality.
+        seed: the RNG seed both runs start from, in either mode (dropout draws the same
+            masks, ``torch.rand`` in ``forward`` the same numbers).
     """
     if not isinstance(original, nn.Module) or not isinstance(prepared, nn.Module):
         raise InputError("verify() compares two nn.Module instances")
@@ -239,8 +250,6 @@ def verify(
         result = VerifyResult(all(c.equal for c in checks + grads), checks, mode, grads=grads)
         if not result.equal:
             result = _against_native(original, prepared, args, seed, grad, result)
-        if not result.equal and replay:
-            result.first_bad_pass = _first_bad_pass(original, prepared, args, seed)
     finally:
         original.train(modes[0])
         prepared.train(modes[1])
@@ -266,18 +275,3 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
     diff = max((o.max_abs_diff for o in result.outputs), default=0.0)
     return VerifyResult(diff <= bound, checks, result.mode, "native kernels (oneDNN / attention fast path off)",
                         kernel_diff=diff, kernel_bound=bound, grads=grads)
-
-
-def _first_bad_pass(original, prepared, args, seed) -> str | None:
-    info = (getattr(prepared, "meta", None) or {}).get("qprep") or {}
-    preparation = info.get("preparation")
-    if preparation is None:
-        return None
-    from .prepare import replay_passes  # deferred: prepare imports verify
-
-    try:
-        return replay_passes(original, preparation.config, args, seed)
-    except Exception as exc:  # noqa: BLE001  (the replay is a diagnosis; never mask the verdict)
-        return f"unknown (replay failed: {type(exc).__name__}: {exc})"
-
-

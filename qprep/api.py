@@ -1,0 +1,182 @@
+"""The one place where the stages meet: :func:`prepare` (capture, run the pipeline,
+verify), :func:`verify` (verification plus, when outputs differ, a replay that names the
+first pass that broke equality), :func:`diff` (the report) and :func:`replay_passes`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch.fx
+import torch.nn as nn
+
+from .capture import capture
+from .core import meta
+from .core.aliases import restore_missing_state
+from .core.config import PrepareConfig
+from .core.errors import InputError, NotEquivalentError
+from .core.inputs import as_positional
+from .core.records import Preparation
+from .passes import run_pipeline
+from .report import Report, preparation_of, snapshot
+from .verify import VerifyResult, verify_outputs
+
+__all__ = ["prepare", "verify", "diff", "replay_passes"]
+
+
+def _working_copy(model: nn.Module, inplace: bool) -> nn.Module:
+    if inplace:
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(
+            f"cannot copy {type(model).__name__} ({type(exc).__name__}: {exc}); "
+            "pass inplace=True to prepare it without a copy"
+        ) from exc
+
+
+def _config(config: PrepareConfig | None, options: dict) -> PrepareConfig:
+    """``config`` with ``options`` (its field names) applied on top."""
+    if config is not None and not isinstance(config, PrepareConfig):
+        raise InputError(f"config must be a qprep.PrepareConfig, got {type(config).__name__}")
+    try:
+        return dataclasses.replace(config, **options) if config is not None else PrepareConfig(**options)
+    except TypeError as exc:
+        raise InputError(f"unknown prepare() option: {exc}") from exc
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    config: PrepareConfig | None = None,
+    inplace: bool = False,
+    check: bool = True,
+    report: str | None = None,
+    **options: Any,
+) -> torch.fx.GraphModule:
+    """Make ``model`` ready for module-level quantization, bit for bit.
+
+    Returns a ``torch.fx.GraphModule`` that computes exactly what ``model`` computes and in
+    which every compute op is a ``call_module`` of a module no other node calls.
+
+    Args:
+        model: the ``nn.Module`` to prepare. It is not modified (unless ``inplace``).
+        example_inputs: a tensor, a tuple of positional arguments or a dict of keyword
+            arguments. With them, qprep learns
+            which values are tensors (shape arithmetic stays plain Python) and input ranks,
+            and verifies the result bitwise (``check``).
+        config: a :class:`PrepareConfig`; or pass its fields as keyword ``options``
+            (``leaf_modules=[...]``, ``concrete_args={...}``, ``strict=True``, ...).
+        inplace: ``False`` (default) prepares a deep copy: the result shares nothing with
+            ``model``. ``True`` skips the copy (saving one full copy of the weights and the
+            time to make it): the result then holds ``model``'s own submodules, Parameters
+            and buffers, so training one trains the other; ``model``'s own attributes and
+            ``forward`` are still not changed.
+        check: with ``example_inputs``, verify the result with :func:`qprep.verify` and
+            raise :class:`~qprep.errors.NotEquivalentError` instead of returning a model
+            that differs.
+        report: a path (``.html``, ``.md``, ``.json``, ``.txt``) to write the diff report to.
+
+    Raises:
+        InputError: not a module, bad example inputs, unknown option.
+        TraceError: the model cannot be traced (names the module, the line and the fix).
+        PassError: a pass failed (names it and the passes before it).
+        NotEquivalentError: the result differs from ``model`` on ``example_inputs``.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"qprep.prepare() takes a torch.nn.Module, got {type(model).__name__}")
+    config = _config(config, options)
+    args = None if example_inputs is None else as_positional(example_inputs, model)
+    work = _working_copy(model, inplace)
+    captured = capture(work, config, args)
+    gm = captured.graph_module
+    before = snapshot(gm)
+    results = run_pipeline(gm, config)
+    restore_missing_state(work, gm)
+    gm.training = model.training
+    preparation = Preparation(
+        config=config,
+        passes=tuple(r.pass_name for r in results),
+        changes=captured.notes + tuple(c for r in results for c in r.changes),
+        trace_notes=captured.trace_notes,
+        before=before,
+        specialised=captured.fixed,
+        changed={r.pass_name: r.changed for r in results},
+    )
+    meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
+    if check and args is not None:
+        preparation = preparation.verified(verify(model, gm, args))
+        meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
+        if not preparation.verification.equal:
+            raise NotEquivalentError(
+                "the prepared model is not bitwise equal to the original on example_inputs:\n"
+                + preparation.verification.table(),
+                result=preparation.verification,
+            )
+    if report:
+        Report.of(gm, type(model).__name__).write(report)
+    return gm
+
+
+def verify(
+    original: nn.Module,
+    prepared: nn.Module,
+    inputs: Any,
+    *,
+    train: bool | None = None,
+    grad: bool = False,
+    seed: int = 0,
+    replay: bool = True,
+) -> VerifyResult:
+    """Compare ``prepared`` with ``original`` on ``inputs`` bitwise
+    (:func:`qprep.verify.verify_outputs`: every output leaf with ``torch.equal``, containers by
+    type and keys, both runs from RNG seed ``seed``, in ``train`` or eval mode, gradients with
+    ``grad``). When outputs differ, ``replay`` and ``prepared`` came from :func:`prepare`,
+    the result also names the first pass after which a fresh preparation stops being equal."""
+    result = verify_outputs(original, prepared, inputs, train=train, grad=grad, seed=seed)
+    if result.equal or not replay:
+        return result
+    preparation = preparation_of(prepared)
+    if preparation is None:
+        return result
+    try:
+        first = replay_passes(original, preparation.config, as_positional(inputs, original), seed)
+    except Exception as exc:  # noqa: BLE001  (the replay is a diagnosis; never mask the verdict)
+        first = f"unknown (replay failed: {type(exc).__name__}: {exc})"
+    return dataclasses.replace(result, first_bad_pass=first)
+
+
+def replay_passes(original: nn.Module, config: PrepareConfig, args: tuple, seed: int = 0) -> str | None:
+    """Re-prepare a copy of ``original`` pass by pass; name the first step after which it
+    is no longer bitwise equal to ``original`` on ``args`` (``"trace"`` for the tracer)."""
+    work = copy.deepcopy(original)
+    gm = capture(work, config, args).graph_module
+    broken: list[str] = []
+
+    def check(step: str, current: torch.fx.GraphModule) -> None:
+        if not broken and not verify_outputs(original, current, args, seed=seed).equal:
+            broken.append(step)
+
+    check("trace", gm)
+    run_pipeline(gm, config, after_each=check)
+    return broken[0] if broken else None
+
+
+def diff(original: nn.Module, prepared: nn.Module | None = None, example_inputs: Any = None,
+         **prepare_options: Any) -> Report:
+    """The report of how ``prepared`` was made from ``original``.
+
+    When ``prepared`` carries its preparation record (it came from :func:`qprep.prepare` in
+    this process), that record is used. Otherwise (``None``, a GraphModule qprep did not make,
+    or one loaded with ``torch.load``, which drops ``meta``) ``original`` is prepared with
+    ``example_inputs`` and ``prepare_options``.
+    """
+    if preparation_of(prepared) is None:
+        prepared = prepare(original, example_inputs, **prepare_options)
+    elif example_inputs is not None or prepare_options:
+        raise InputError("diff(): example_inputs and prepare options are used only when prepared is not given")
+    return Report.of(prepared, type(original).__name__)
+

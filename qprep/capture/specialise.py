@@ -1,0 +1,69 @@
+"""Argument specialisation: which ``forward`` arguments are fixed at trace time.
+
+A prepared model is made for calls like its example. Forward arguments the example inputs
+leave out are fixed to their defaults (``mask=None``), those given as ``None`` are fixed to
+``None`` (``if mask is not None:`` then traces one way), and the user's ``concrete_args``
+are fixed to the values given, on top of those. Without example inputs, defaults are fixed
+only when tracing fails otherwise. Either way the report lists what was fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch.fx
+import torch.nn as nn
+
+from ..core.config import PrepareConfig
+from ..core.errors import TraceError
+from ..core.records import TraceNote
+from .tracer import trace
+
+__all__ = ["fixed_arguments", "trace_specialised"]
+
+
+def _parameters(model: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def fixed_arguments(model: nn.Module, args: tuple | None) -> dict[str, Any]:
+    """Arguments fixed for example inputs ``args`` (``None``: none given): defaults of the
+    parameters after the given ones, and ``None`` for arguments given as ``None``."""
+    params = _parameters(model)
+    given = len(args) if args is not None else 0
+    fixed = {
+        p.name: p.default for p in params[given:]
+        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for i, a in enumerate(args or ()):
+        if a is None and i < len(params) and params[i].kind in positional:
+            fixed[params[i].name] = None
+    return fixed
+
+
+def trace_specialised(model: nn.Module, config: PrepareConfig,
+                      args: tuple | None) -> tuple[torch.fx.GraphModule, list[TraceNote], dict]:
+    """Trace ``model`` with the fixed arguments; returns the graph module, the tracer's
+    notes, and every argument fixed (the user's ``concrete_args`` included)."""
+    fixed = {**fixed_arguments(model, args), **(config.concrete_args or {})}
+    if args is not None or config.concrete_args:
+        with_fixed = dataclasses.replace(config, concrete_args=fixed or None)
+        gm, notes = trace(model, with_fixed)
+        return gm, notes, fixed
+    try:
+        gm, notes = trace(model, config)
+        return gm, notes, {}
+    except TraceError as first:
+        if not fixed:
+            raise
+        try:
+            gm, notes = trace(model, dataclasses.replace(config, concrete_args=fixed))
+        except TraceError:
+            raise first from None
+        return gm, notes, fixed

@@ -1,0 +1,70 @@
+"""qprep.capture.analysis: example values recorded per node; which calls follow self.training."""
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qprep.capture import trace
+from qprep.capture.analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, record_types
+from qprep.core import meta
+from qprep.examples import DistillerBlock
+
+
+class Drop(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.5, self.training) + F.dropout(x, 0.5, training=not self.training)
+
+
+def _flip(model):
+    for m in model.modules():
+        m.training = not m.training
+
+
+def test_record_types_stores_type_shape_and_tensor_content_and_leaves_no_trace():
+    model = DistillerBlock(3, 3).train()
+    gm, _ = trace(model)
+    x = torch.randn(2, 3, 4, 4)
+    stats = model.bn1.running_mean.clone()
+    state = torch.random.get_rng_state()
+    record_types(gm, (x,))
+    values = {n.name: meta.fact(n, meta.VALUE) for n in gm.graph.nodes if n.op != "output"}
+    assert values["cat"] == {"type": torch.Tensor, "shape": (2, 6, 4, 4), "has_tensor": True}
+    assert torch.equal(model.bn1.running_mean, stats)  # buffers restored
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
+
+
+def test_mode_sensitive_calls_and_classes_that_read_training():
+    gm, _ = trace(Drop())
+    assert has_mode_sensitive_calls(gm)
+    assert not has_mode_sensitive_calls(trace(DistillerBlock())[0])
+    assert may_depend_on_mode(Drop())
+    assert not may_depend_on_mode(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))  # torch.nn leaves only
+
+
+def test_training_argument_that_follows_the_mode_is_marked_and_an_inverted_one_noted():
+    model = Drop().train()
+    gm, _ = trace(model)
+    _flip(model)
+    flipped, _ = trace(model)
+    _flip(model)
+    notes = mark_training_dependence(gm, flipped, "train", lambda node: model.training)
+    dropouts = [n for n in gm.graph.nodes if n.target is F.dropout]
+    assert meta.fact(dropouts[0], meta.FOLLOWS_TRAINING) and meta.fact(dropouts[0], meta.MODE_ARG) == "training"
+    assert not meta.fact(dropouts[1], meta.FOLLOWS_TRAINING)
+    assert len(notes) == 1 and "train-mode values" in notes[0].reason
+
+
+def test_a_forward_that_branches_on_training_is_noted():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x + 1 if self.training else x * 2
+
+    model = Branchy().eval()
+    gm, _ = trace(model)
+    _flip(model)
+    flipped, _ = trace(model)
+    notes = mark_training_dependence(gm, flipped, "eval", lambda node: False)
+    assert len(notes) == 1 and "branches on self.training" in notes[0].reason
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [operator.mul]
