@@ -28,6 +28,7 @@ import torch.fx
 
 from qprep.core.config import PrepareConfig
 from qprep.core.errors import RewriteError
+from qprep.core.guards import is_guard
 from qprep.core.graph import ModuleNamer, lookup, member, produces_tensor, replace_with_module, target_text, type_name
 from qprep.core.provenance import module_scope, record_change
 from qprep.core.records import REWRITTEN, SKIPPED, PassResult
@@ -81,7 +82,7 @@ def wrap_tensor_ops(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResu
     changes = []
     tensors: dict = {}  # produces_tensor's memo, shared across the nodes in graph order
     for node in list(gm.graph.nodes):
-        if node.op not in ("call_function", "call_method"):
+        if node.op not in ("call_function", "call_method") or is_guard(node):
             continue
         op_text = target_text(node)
         cls = _user_module(node, config)

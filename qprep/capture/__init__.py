@@ -1,13 +1,13 @@
 """Capture: trace a model into a graph and gather the facts the passes rely on.
 
 :func:`capture` is the one entry: it traces (with the arguments the example fixes,
-:mod:`.specialise`), records what each node produced on the example inputs and which calls
-follow ``self.training`` (:mod:`.analysis`), and returns a :class:`Capture`.
+:mod:`.specialise`; every node carries its example value and the specialisations are
+guarded, :mod:`.tracer`), finds which calls follow ``self.training`` (:mod:`.analysis`),
+and returns a :class:`Capture`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Callable
 
@@ -16,11 +16,13 @@ import torch.fx
 import torch.nn as nn
 
 from ..core.config import PrepareConfig
-from ..core.errors import InputError, QprepError, TraceError
+from ..core.errors import InputError
+from ..core.guards import Guard
 from ..core.provenance import module_scope
 from ..core.records import Change, TraceNote
-from .analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, record_types
-from .specialise import fixed_arguments, trace_specialised
+from ..core.runtime import clone_tree, forked_rng, preserved_state
+from .analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode
+from .specialise import example_values, fixed_arguments, trace_specialised
 from .tracer import trace
 
 __all__ = ["Capture", "capture", "trace", "fixed_arguments"]
@@ -29,30 +31,32 @@ __all__ = ["Capture", "capture", "trace", "fixed_arguments"]
 @dataclasses.dataclass(frozen=True)
 class Capture:
     """A traced model: the graph module, the tracer's notes on opaque submodules, the
-    arguments fixed at trace time, and the analysis notes (``self.training`` handling)."""
+    arguments fixed at trace time, the analysis notes (``self.training`` handling) and the
+    guards (also checked in the graph)."""
 
     graph_module: torch.fx.GraphModule
     trace_notes: tuple[TraceNote, ...]
     fixed: dict
     notes: tuple[Change, ...]
+    guards: tuple[Guard, ...] = ()
 
 
 def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capture:
     """Trace ``model`` for example inputs ``args`` (a tuple of positional arguments, or
-    ``None``) and analyse the graph. ``model`` is traced, not run, except on ``args``."""
-    gm, trace_notes, fixed = trace_specialised(model, config, args)
+    ``None``) and analyse the graph. ``model`` is traced on meta tensors, not run (but for
+    a check of the example inputs when some op could not run on meta tensors)."""
+    traced, fixed = trace_specialised(model, config, args)
+    gm, trace_notes = traced
+    if args is not None and traced.failures:
+        _check_inputs(model, args)
     notes: list[Change] = []
     leaf_types = tuple(t for t in config.leaf_modules if isinstance(t, type))
     if has_mode_sensitive_calls(gm) or may_depend_on_mode(model, leaf_types):
+        examples = example_values(model, args) if args is not None else None
         with _flipped_modes(model):
-            flipped, _ = trace(model, dataclasses.replace(config, concrete_args=fixed or None))
+            flipped, _ = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples)
         notes += mark_training_dependence(gm, flipped, "train" if model.training else "eval", _scope_mode(model))
-    if args is not None:
-        try:
-            record_types(gm, args)
-        except Exception as exc:  # noqa: BLE001  (bad example inputs or a graph that fails: tell which)
-            raise _input_error(model, args, exc) from exc
-    return Capture(gm, tuple(trace_notes), fixed, tuple(notes))
+    return Capture(gm, tuple(trace_notes), fixed, tuple(notes), traced.guards)
 
 
 class _flipped_modes:
@@ -82,16 +86,13 @@ def _scope_mode(model: nn.Module) -> Callable[[torch.fx.Node], bool]:
     return training
 
 
-def _input_error(model: nn.Module, args: tuple, exc: Exception) -> QprepError:
+def _check_inputs(model: nn.Module, args: tuple) -> None:
+    """Some op could not run on the example's meta tensors: run the model once on the
+    example, so that inputs it rejects are an :class:`InputError`, not a later surprise."""
     try:
-        with torch.no_grad():
-            copy.deepcopy(model)(*args)
-    except Exception as original_exc:  # noqa: BLE001
-        return InputError(
-            f"example_inputs do not run through {type(model).__name__}: "
-            f"{type(original_exc).__name__}: {original_exc}"
-        )
-    return TraceError(
-        f"the traced graph of {type(model).__name__} fails on example_inputs although the model runs: "
-        f"{type(exc).__name__}: {exc}. Mark the module that computes differently under tracing as a leaf."
-    )
+        with preserved_state(model), forked_rng(), torch.no_grad():
+            model(*clone_tree(args))
+    except Exception as exc:  # noqa: BLE001  (the model rejects its example inputs)
+        raise InputError(
+            f"example_inputs do not run through {type(model).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc

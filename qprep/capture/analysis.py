@@ -1,17 +1,15 @@
 """Facts about a traced graph that the passes rely on, gathered before they run:
-
-* :func:`record_types`: the type (and tensor shape) each node's value has on the example
-  inputs, so only tensor-producing ops are wrapped and rank-dependent modules
-  (``nn.BatchNorm2d`` vs ``1d``) can be chosen;
-* :func:`mark_training_dependence`: which ``training=`` arguments follow ``self.training``,
-  found by tracing the model a second time with every module's mode flipped.
+which ``training=`` arguments follow ``self.training`` (:func:`mark_training_dependence`),
+found by tracing the model a second time with every module's mode flipped when its code
+reads ``training`` (:func:`may_depend_on_mode`, :func:`has_mode_sensitive_calls`). (What
+each node produced on the example inputs is recorded while tracing: :mod:`.values`.)
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx
@@ -22,40 +20,16 @@ from ..core import meta
 from ..core.graph import lookup
 from ..core.provenance import record_change
 from ..core.records import NOTE, Change
-from ..core.runtime import clone_tree, forked_rng, preserved_state
-from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN
 
-__all__ = [
-    "record_types", "mark_training_dependence", "may_depend_on_mode", "has_mode_sensitive_calls", "MODE_SENSITIVE",
-]
+__all__ = ["mark_training_dependence", "may_depend_on_mode", "has_mode_sensitive_calls", "MODE_SENSITIVE"]
 
 #: Functionals that take a ``training`` flag: their presence alone asks for the second trace.
 MODE_SENSITIVE: frozenset = frozenset({
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     F.rrelu, F.batch_norm, F.instance_norm,
 })
-
-
-def record_types(gm: torch.fx.GraphModule, inputs: tuple) -> None:
-    """Run ``gm`` once on ``inputs`` and store what each node produced in
-    ``meta["qprep"]["value"]``: its type, its shape if a tensor, and whether it holds
-    tensors (a tuple from ``torch.max(x, dim)``, a ``PackedSequence``)."""
-    with preserved_state(gm), torch.no_grad(), forked_rng():
-        _ValueRecorder(gm).run(*clone_tree(inputs))
-
-
-class _ValueRecorder(torch.fx.Interpreter):
-    def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
-        shape = tuple(result.shape) if isinstance(result, torch.Tensor) else None
-        meta.set_facts(n, **{meta.VALUE: {"type": type(result), "shape": shape, "has_tensor": _has_tensor(result)}})
-        return result
-
-
-def _has_tensor(value: Any) -> bool:
-    return tree_any(value, lambda v: isinstance(v, torch.Tensor))
 
 
 _MODE_SENSITIVE = dict.fromkeys(MODE_SENSITIVE, True)

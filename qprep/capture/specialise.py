@@ -1,4 +1,5 @@
-"""Argument specialisation: which ``forward`` arguments are fixed at trace time.
+"""Argument specialisation: which ``forward`` arguments are fixed at trace time, and which
+example value each traced argument has.
 
 A prepared model is made for calls like its example. Forward arguments the example inputs
 leave out are fixed to their defaults (``mask=None``), those given as ``None`` are fixed to
@@ -18,10 +19,11 @@ import torch.nn as nn
 
 from ..core.config import PrepareConfig
 from ..core.errors import TraceError
-from ..core.records import TraceNote
-from .tracer import trace
+from .tracer import Traced, trace
 
-__all__ = ["fixed_arguments", "trace_specialised"]
+__all__ = ["fixed_arguments", "example_values", "trace_specialised"]
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _parameters(model: nn.Module) -> list[inspect.Parameter]:
@@ -40,30 +42,41 @@ def fixed_arguments(model: nn.Module, args: tuple | None) -> dict[str, Any]:
         p.name: p.default for p in params[given:]
         if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     for i, a in enumerate(args or ()):
-        if a is None and i < len(params) and params[i].kind in positional:
+        if a is None and i < len(params) and params[i].kind in _POSITIONAL:
             fixed[params[i].name] = None
     return fixed
 
 
-def trace_specialised(model: nn.Module, config: PrepareConfig,
-                      args: tuple | None) -> tuple[torch.fx.GraphModule, list[TraceNote], dict]:
-    """Trace ``model`` with the fixed arguments; returns the graph module, the tracer's
-    notes, and every argument fixed (the user's ``concrete_args`` included)."""
+def example_values(model: nn.Module, args: tuple) -> dict[str, Any]:
+    """Forward parameter name -> its example value (``*args`` collects the rest)."""
+    values: dict[str, Any] = {}
+    rest = list(args)
+    for p in _parameters(model):
+        if p.kind in _POSITIONAL and rest:
+            values[p.name] = rest.pop(0)
+        elif p.kind == p.VAR_POSITIONAL:
+            values[p.name], rest = tuple(rest), []
+        elif p.kind == p.VAR_KEYWORD:
+            values[p.name] = {}
+    return values
+
+
+def trace_specialised(model: nn.Module, config: PrepareConfig, args: tuple | None) -> tuple[Traced, dict]:
+    """Trace ``model`` with the fixed arguments; returns what :func:`trace` returns and every
+    argument fixed (the user's ``concrete_args`` included)."""
     fixed = {**fixed_arguments(model, args), **(config.concrete_args or {})}
     if args is not None or config.concrete_args:
+        examples = example_values(model, args) if args is not None else None
         with_fixed = dataclasses.replace(config, concrete_args=fixed or None)
-        gm, notes = trace(model, with_fixed)
-        return gm, notes, fixed
+        return trace(model, with_fixed, examples), fixed
     try:
-        gm, notes = trace(model, config)
-        return gm, notes, {}
+        return trace(model, config), {}
     except TraceError as first:
         if not fixed:
             raise
         try:
-            gm, notes = trace(model, dataclasses.replace(config, concrete_args=fixed))
+            traced = trace(model, dataclasses.replace(config, concrete_args=fixed))
         except TraceError:
             raise first from None
-        return gm, notes, fixed
+        return traced, fixed

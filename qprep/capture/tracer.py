@@ -1,46 +1,63 @@
-"""qprep's symbolic tracer: torch.fx with source lines, module scopes, eager in-place
-semantics and clear errors.
+"""qprep's tracer: torch.fx, value-aware, with guards, source lines and clear errors.
 
 Differences from ``torch.fx.symbolic_trace``:
 
-* every node records the user's stack trace (``node.meta["stack_trace"]``) and module scope
-  (``node.meta["nn_module_stack"]``);
-* ``y += z`` on a traced tensor is recorded as ``operator.iadd`` (plain fx records
-  ``operator.add``, which breaks aliasing: a tensor bound to ``y`` before the ``+=`` would
-  see a different value than in eager mode);
-* ``torch.nn`` leaf modules and qprep's own modules (by type) are leaves; compound ``torch.nn``
-  modules whose ``forward`` is plain Python (``nn.TransformerEncoderLayer``) are traced
-  into when possible and kept opaque, with a note, when not;
-* a failure inside user code raises :class:`~qprep.errors.TraceError` naming the module,
-  the source line and the fix; with ``on_untraceable="leaf"`` the failing submodule is
-  kept as an opaque leaf instead and the rest is still traced.
+* **Example values.** With example inputs, every node carries its example's value
+  (:mod:`.values`: meta tensors in ``node.meta["val"]``, ``["tensor_meta"]``). Values stay
+  symbolic in the graph (``x.view(x.size(0), -1)`` works at any batch size); where Python
+  needs a concrete one (``if``, ``bool()``, ``int()``, ``range()``, ``len()``, iteration,
+  indexing a list, ``math.sqrt``), the example's value is used and a **guard** is recorded
+  (:mod:`.guards`), checked when the prepared model runs. A branch on tensor *data*
+  (``if x.sum() > 0``) is not specialised: it fails with a :class:`~qprep.core.errors.TraceError`
+  naming the line, or keeps the module opaque with ``on_untraceable="leaf"``.
+* ``y += z`` is recorded as ``operator.iadd`` and ``y[i] = v`` as ``operator.setitem``
+  (:mod:`.proxy`); tensor factories with traced sizes (``torch.ones(t, t)``) and random
+  factories (``torch.rand(3, 4)``, never a trace-time constant) are recorded as calls;
+  ``pack_padded_sequence`` & co are recorded as calls, not traced into; ``len(x)`` in a
+  traced ``forward`` stays symbolic.
+* Every node records the user's stack trace and module scope; ``torch.nn`` leaf modules
+  and qprep's own modules (by type) are leaves; compound ``torch.nn`` modules are traced
+  into when possible and kept opaque, with a note, when not.
+* Patching is scoped: names are shadowed through torch.fx's patcher for the length of one
+  trace, and every patched function, module call and attribute read behaves as torch's own
+  in any thread but the tracing one. Traces run one at a time (a lock), because torch.fx
+  patches ``nn.Module.__call__`` for the whole process while it traces.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import dis
 import functools
 import linecache
 import operator
 import os
 import sys
+import threading
 import traceback
+from typing import Any, Iterator
 
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
-from ..core._compat import last_node, mha_fastpath
+from ..core._compat import last_node, mha_fastpath, new_patcher
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
+from ..core.guards import CONVERSIONS, Guard
+from ..core.provenance import location_text
 from ..core.records import TraceNote
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
+from .guards import GuardRecorder, describe, insert_guards, reads_metadata_only
+from .proxy import QprepProxy
+from .values import UNKNOWN, Values, value_of
 
-__all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote"]
+__all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote", "Traced"]
 
 _QPREP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -55,45 +72,29 @@ _SKIP_FRAMES = (
     os.path.join(_TORCH_DIR, "_compile.py"),
     os.path.join(_TORCH_DIR, "_dynamo", ""),
     os.path.join(_TORCH_DIR, "_jit_internal.py"),
+    os.path.join(_TORCH_DIR, "utils", "_contextlib.py"),
 )
 _EXAMPLES = os.path.join(_QPREP_DIR, "examples.py")
 
 # Containers: never leaves.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-_INPLACE_MAGIC = {
-    "iadd": operator.iadd, "isub": operator.isub, "imul": operator.imul,
-    "itruediv": operator.itruediv, "ifloordiv": operator.ifloordiv, "imod": operator.imod,
-    "ipow": operator.ipow, "imatmul": operator.imatmul, "iand": operator.iand,
-    "ior": operator.ior, "ixor": operator.ixor, "ilshift": operator.ilshift,
-    "irshift": operator.irshift,
-}
+#: Tensor factories recorded as calls when a size is traced (``torch.ones(t, t)``).
+FACTORIES = ("ones", "zeros", "empty", "full", "eye", "arange", "linspace", "logspace", "tensor", "as_tensor",
+             "scalar_tensor", "empty_strided", "tril_indices", "triu_indices")
+#: Random factories: always recorded as calls, so each run draws its own numbers.
+RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
+                    "rand_like", "randn_like", "randint_like")
+#: Functions recorded as one call instead of being traced into.
+PACKING = (rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence, rnn_utils.pack_sequence,
+           rnn_utils.pad_sequence, rnn_utils.unpack_sequence, rnn_utils.unpad_sequence)
+
+# torch.fx patches nn.Module.__call__ for the whole process while it traces: one trace at a time.
+_TRACE_LOCK = threading.RLock()
 
 
-# Tensor layout flags that torch.nn code branches on; qprep prepares dense strided tensors.
-_CONSTANT_ATTRS = {"is_nested": False, "is_sparse": False, "is_quantized": False, "is_mkldnn": False}
-
-
-class QprepProxy(torch.fx.Proxy):
-    """A Proxy that records augmented assignment as the in-place operator, and answers
-    the layout flags of :data:`_CONSTANT_ATTRS` (dense tensors) instead of tracing them."""
-
-    def __getattr__(self, k):
-        if k in _CONSTANT_ATTRS:
-            return _CONSTANT_ATTRS[k]
-        return super().__getattr__(k)
-
-
-def _make_inplace(op):
-    def impl(self, other):
-        return self.tracer.create_proxy("call_function", op, (self, other), {})
-
-    impl.__name__ = f"__{op.__name__}__"
-    return impl
-
-
-for _name, _op in _INPLACE_MAGIC.items():
-    setattr(QprepProxy, f"__{_name}__", _make_inplace(_op))
+class ConcreteValueError(Exception):
+    """Python needed a concrete value the tracer cannot give (unknown, or tensor data)."""
 
 
 def _user_frame(tb) -> traceback.FrameSummary | None:
@@ -109,16 +110,14 @@ def _user_frame(tb) -> traceback.FrameSummary | None:
 
 def _describe_failure(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, ConcreteValueError):
+        return text
     if "control flow" in text or "cannot be iterated" in text or "len' is not supported" in text:
         return f"data-dependent Python control flow on a traced value ({text})"
     return f"{type(exc).__name__}: {text}"
 
 
-def _stack_text(depth: int) -> str:
-    """The user's stack at node creation, formatted as fx formats ``node.stack_trace``,
-    from the first ``forward`` frame on, without torch.fx's and qprep's own frames.
-
-    Walking frames directly costs a fraction of ``traceback`` extraction per node."""
+def _user_frames(depth: int) -> list[tuple[str, int, str]]:
     frames = []
     frame = sys._getframe(depth)
     while frame is not None:
@@ -127,6 +126,15 @@ def _stack_text(depth: int) -> str:
             frames.append((filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
     frames.reverse()
+    return frames
+
+
+def _stack_text(depth: int) -> str:
+    """The user's stack at node creation, formatted as fx formats ``node.stack_trace``,
+    from the first ``forward`` frame on, without torch.fx's and qprep's own frames.
+
+    Walking frames directly costs a fraction of ``traceback`` extraction per node."""
+    frames = _user_frames(depth + 1)
     first = next((i for i, f in enumerate(frames) if f[2] == "forward"), None)
     if first is None:
         return ""
@@ -139,29 +147,228 @@ def _stack_text(depth: int) -> str:
     return "\n".join(lines)
 
 
-class QprepTracer(torch.fx.Tracer):
-    """The tracer :func:`trace` uses; see the module docstring."""
+def _here(depth: int) -> tuple[str, str]:
+    """``(file:line, code)`` of the innermost user frame outside torch and qprep."""
+    frames = _user_frames(depth + 1)
+    for filename, lineno, _ in reversed(frames):
+        if not os.path.abspath(filename).startswith(os.path.join(_TORCH_DIR, "")):
+            return location_text(filename, lineno), linecache.getline(filename, lineno).strip()
+    if frames:
+        filename, lineno, _ = frames[-1]
+        return location_text(filename, lineno), linecache.getline(filename, lineno).strip()
+    return "", ""
 
-    def __init__(self, config: PrepareConfig | None = None):
-        super().__init__(param_shapes_constant=False)
+
+class QprepTracer(torch.fx.Tracer):
+    """The tracer :func:`trace` uses; see the module docstring.
+
+    Args:
+        config: the preparation's config (leaves, ``on_untraceable``, compound modules).
+        examples: forward parameter name -> example value (``*args``/``**kwargs`` by their
+            names); ``None`` traces purely symbolically.
+    """
+
+    def __init__(self, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None):
+        # PACKING: also where a traced module imported them by name (fx patches its globals)
+        super().__init__(autowrap_functions=PACKING, param_shapes_constant=False)
         self.proxy_buffer_attributes = True  # buffers are graph values: `self.ids[:, :n]` traces
         self.config = config or PrepareConfig()
+        self.examples = examples
         self.notes: list[TraceNote] = []
+        self.guards = GuardRecorder()
+        self.values: Values | None = None
         self._leaf_types = tuple(t for t in self.config.leaf_modules if isinstance(t, type))
         self._leaf_names = frozenset(n for n in self.config.leaf_modules if isinstance(n, str))
         self._opaque: set[str] = set()
+        self._thread = threading.get_ident()
+        self._evaluating = 0
+        self._patcher = None
 
-    # -- proxies and stack traces -------------------------------------------------------
+    # -- who is tracing ----------------------------------------------------------------
+    def recording(self) -> bool:
+        """Whether the current call belongs to this trace: the tracing thread, not
+        evaluating an example value."""
+        return not self._evaluating and threading.get_ident() == self._thread
+
+    @contextlib.contextmanager
+    def passthrough(self) -> Iterator[None]:
+        """Module calls, attribute reads and patched functions run as plain Python."""
+        self._evaluating += 1
+        try:
+            yield
+        finally:
+            self._evaluating -= 1
+
+    # -- tracing -------------------------------------------------------------------------
+    def trace(self, root, concrete_args=None) -> torch.fx.Graph:
+        with _TRACE_LOCK, new_patcher() as patcher, mha_fastpath(False):
+            # The math path of nn.MultiheadAttention / nn.Transformer* is traced (the fused
+            # fast path is one opaque kernel); verification measures the difference to it.
+            self._patcher = patcher
+            self.values = Values(root, self.examples, self.passthrough)
+            self._install_wrappers(patcher)
+            self._shadow_len(getattr(type(root), "forward", None))
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                self._patcher = None
+
+    def _install_wrappers(self, patcher) -> None:
+        for name in FACTORIES + RANDOM_FACTORIES:
+            fn = getattr(torch, name, None)
+            if fn is not None:
+                patcher.patch(torch.__dict__, name, self._recorded(fn, always=name in RANDOM_FACTORIES))
+        for fn in PACKING:
+            patcher.patch(rnn_utils.__dict__, fn.__name__, self._recorded(fn, always=False))
+
+    def _recorded(self, fn, always: bool):
+        """``fn`` recorded as a call node when the tracing thread calls it with a traced
+        argument (or always, for random factories); torch's own ``fn`` otherwise."""
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if self.recording() and (always or tree_any((args, kwargs), _is_proxy)):
+                return self.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def _shadow_len(self, fn) -> None:
+        """``len(x)`` of a traced value in ``fn``'s module stays symbolic: ``len`` is shadowed
+        in that module's globals for this trace."""
+        namespace = getattr(fn, "__globals__", None)
+        if self._patcher is None or namespace is None or not self._patcher.visit_once(namespace):
+            return
+
+        def traced_len(obj):
+            if isinstance(obj, torch.fx.Proxy) and self.recording():
+                return self.create_proxy("call_function", builtins.len, (obj,), {})
+            return builtins.len(obj)
+
+        self._patcher.patch(namespace, "len", traced_len)
+
+    # -- proxies, nodes, values ---------------------------------------------------------
     def proxy(self, node: torch.fx.Node) -> QprepProxy:
         return QprepProxy(node, self)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind not in ("placeholder", "output", "get_attr"):
-            node.meta["stack_trace"] = _stack_text(2)
+            node.meta[meta.STACK_TRACE] = _stack_text(2)
+        if self.values is not None and kind != "output":
+            self.values.record(node)
         return node
 
-    # -- leaves -------------------------------------------------------------------------
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if value_of(node) is None and _reads(node):
+            location, code = _here(2)
+            self.guards.record(node, "is_none", True, location, code)
+            return None  # `if out.attentions is not None:` sees the example's None
+        return proxy
+
+    def create_arg(self, a: Any):
+        if isinstance(a, torch.fx.Proxy):
+            return a.node
+        if isinstance(a, dict) and hasattr(a, "to_tuple") and type(a) is not dict:  # a Hugging Face ModelOutput
+            fields = {k: self.create_arg(v) for k, v in a.items()}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
+
+    def attribute(self, proxy: torch.fx.Proxy, name: str) -> Any:
+        """``proxy.name``: a method is called later (fx's lazy ``Attribute``); any other
+        attribute of a known value is recorded now, so its value is known (and ``None``
+        stays ``None``)."""
+        value = value_of(proxy.node)
+        if value is UNKNOWN or not self.recording():
+            return torch.fx.proxy.Attribute(proxy, name)
+        try:
+            with self.passthrough():
+                found = getattr(value, name)
+        except Exception:  # noqa: BLE001  (not an attribute of the example: traced, and fails when run)
+            return torch.fx.proxy.Attribute(proxy, name)
+        if callable(found) and not isinstance(found, torch.Tensor):
+            return torch.fx.proxy.Attribute(proxy, name)
+        return self.create_proxy("call_function", builtins.getattr, (proxy, name), {})
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if not self.recording():
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # -- where Python needs a concrete value ------------------------------------------
+    def concrete(self, proxy: torch.fx.Proxy, how: str) -> Any:
+        """The example's value of ``proxy`` read as ``how`` (:data:`CONVERSIONS`), with a guard."""
+        value = self._known(proxy, how)
+        result = CONVERSIONS[how](value)
+        location, code = _here(2)
+        self.guards.record(proxy.node, how, result, location, code)
+        return result
+
+    def _known(self, proxy: torch.fx.Proxy, how: str) -> Any:
+        node = proxy.node
+        value = value_of(node)
+        what = {"bool": "a bool", "index": "an index", "int": "an int", "float": "a float", "len": "a length",
+                "keys": "its keys"}.get(how, how)
+        if value is UNKNOWN:
+            raise ConcreteValueError(
+                f"Python control flow needs {what} from `{describe(node)}`, and its value is unknown: "
+                f"{self.values.why_unknown(node) if self.values else 'no example inputs were given'}")
+        if isinstance(value, torch.Tensor) and how != "len":
+            raise ConcreteValueError(
+                f"data-dependent control flow: Python needs {what} from the tensor `{describe(node)}`; "
+                "qprep specialises shapes, ranks, dtypes and lengths, never tensor values")
+        return value
+
+    def iterate(self, proxy: torch.fx.Proxy, frame) -> Iterator:
+        """``for v in x``, ``a, b = x``, ``f(*x)``: the example's length, with a guard."""
+        node = proxy.node
+        value = value_of(node)
+        if value is UNKNOWN:
+            unpacked = _unpacked_count(frame)
+            if unpacked is not None:  # `a, b = proxy`: fx's rule, from the caller's bytecode
+                return iter([proxy[i] for i in range(unpacked)])
+            self._known(proxy, "len")
+        if node.op == "call_method" and node.target in ("items", "keys", "values") and isinstance(value, _DICT_VIEWS):
+            return self._iterate_dict_view(node, proxy)
+        if isinstance(value, dict):
+            return iter(self.concrete_keys(proxy))
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        if not isinstance(value, (torch.Tensor, list, tuple)):
+            raise ConcreteValueError(f"cannot iterate over `{describe(node)}` ({type(value).__name__}) while tracing")
+        count = len(value)
+        if node.op != "call_module":  # a module's output structure is fixed by its code
+            location, code = _here(2)
+            self.guards.record(node, "len", count, location, code)
+        return iter([proxy[i] for i in range(count)])
+
+    def _iterate_dict_view(self, node: torch.fx.Node, proxy: torch.fx.Proxy) -> Iterator:
+        owner = proxy.tracer.proxy(node.args[0])
+        keys = self.concrete_keys(owner)
+        if node.target == "keys":
+            return iter(keys)
+        if node.target == "values":
+            return iter([owner[k] for k in keys])
+        return iter([(k, owner[k]) for k in keys])
+
+    def concrete_keys(self, proxy: torch.fx.Proxy) -> list:
+        """``proxy.keys()`` / ``**proxy``: the example dict's keys, with a guard."""
+        value = self._known(proxy, "keys")
+        if not isinstance(value, dict):
+            raise ConcreteValueError(f"`{describe(proxy.node)}` is a {type(value).__name__}, not a dict")
+        keys = tuple(value.keys())
+        location, code = _here(2)
+        self.guards.record(proxy.node, "keys", keys, location, code)
+        return list(keys)
+
+    def contains(self, proxy: torch.fx.Proxy, item: Any) -> bool:
+        """``item in proxy``: recorded, then read as a guarded bool."""
+        found = self.create_proxy("call_function", operator.contains, (proxy, item), {})
+        return self.concrete(found, "bool")
+
+    # -- leaves ---------------------------------------------------------------------------
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or module_qualified_name in self._opaque:
             return True
@@ -181,10 +388,13 @@ class QprepTracer(torch.fx.Tracer):
 
     # -- module calls -------------------------------------------------------------------
     def call_module(self, m: nn.Module, forward, args, kwargs):
+        if not self.recording():
+            return forward(*args, **kwargs)
         name = self.path_of_module(m)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
-        mark = last_node(self.graph)
+        self._shadow_len(getattr(type(m), "forward", None))
+        mark, guards = last_node(self.graph), self.guards.mark()
         stack = dict(self.module_stack)
         if self.config.trace_compound_nn and type(m) in TRACEABLE_FORWARDS:
             forward = functools.partial(TRACEABLE_FORWARDS[type(m)], m)
@@ -196,12 +406,12 @@ class QprepTracer(torch.fx.Tracer):
             failure: BaseException = exc
         except Exception as exc:  # noqa: BLE001  (any failure in user code is reported below)
             failure = exc
-        return self._fallback(m, name, forward, args, kwargs, mark, stack, failure)
+        return self._fallback(m, name, forward, args, kwargs, (mark, guards), stack, failure)
 
     def _can_leaf(self, m: nn.Module) -> bool:
         return self.config.on_untraceable == "leaf" or self._tries_into(m)
 
-    def _fallback(self, m, name, forward, args, kwargs, mark, stack, failure):
+    def _fallback(self, m, name, forward, args, kwargs, marks, stack, failure):
         """Roll the graph back to ``mark`` and call ``m`` as an opaque leaf, or raise."""
         self.module_stack.clear()
         self.module_stack.update(stack)
@@ -211,9 +421,9 @@ class QprepTracer(torch.fx.Tracer):
         else:
             frame = _user_frame(failure.__traceback__)
             if frame is not None:
-                location = f"{os.path.relpath(frame.filename)}:{frame.lineno}"
+                location = location_text(frame.filename, frame.lineno)
             reason = _describe_failure(failure)
-        if not self._can_leaf(m) or not self._rollback(mark):
+        if not self._can_leaf(m) or not self._rollback(*marks):
             if isinstance(failure, TraceError):
                 raise failure
             raise _trace_error(name, m, location, reason, failure) from failure
@@ -221,7 +431,7 @@ class QprepTracer(torch.fx.Tracer):
         self.notes.append(TraceNote(name, type(m).__name__, reason, location))
         return super().call_module(m, forward, args, kwargs)
 
-    def _rollback(self, mark: torch.fx.Node) -> bool:
+    def _rollback(self, mark: torch.fx.Node, guards: int) -> bool:
         """Erase the nodes created after ``mark``; False if one escaped (has outside users)."""
         created = []
         node = last_node(self.graph)
@@ -231,10 +441,34 @@ class QprepTracer(torch.fx.Tracer):
         doomed = set(created)
         if any(user not in doomed for n in created for user in n.users):
             return False
+        self.guards.rollback(guards)
         for node in created:  # newest first: users before what they use
             if node.op != "get_attr":  # get_attr proxies may be cached; DCE removes them
                 self.graph.erase_node(node)
         return True
+
+
+_DICT_VIEWS = (type({}.items()), type({}.keys()), type({}.values()))
+_READS = (operator.getitem, builtins.getattr)
+
+
+def _reads(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads an element or attribute (its ``None`` is the example's ``None``)."""
+    if node.op == "call_function":
+        return node.target in _READS
+    return node.op == "call_method" and node.target == "get"
+
+
+def _is_proxy(value: Any) -> bool:
+    return isinstance(value, torch.fx.Proxy)
+
+
+def _unpacked_count(frame) -> int | None:
+    """``n`` when the caller's current instruction is ``UNPACK_SEQUENCE n`` (``a, b = x``)."""
+    for inst in dis.get_instructions(frame.f_code):
+        if inst.offset == frame.f_lasti:
+            return inst.argval if inst.opname == "UNPACK_SEQUENCE" else None
+    return None
 
 
 def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseException) -> TraceError:
@@ -268,84 +502,96 @@ def _module_aliases(root: nn.Module) -> dict[str, list[str]]:
     return aliases
 
 
-_BUILTIN_LEN = builtins.len
+_INPLACE_FUNCTIONS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.setitem,
+})
 
 
-def _traced_len(obj):
-    """``len`` during tracing: recorded as a call on a traced value (``n = len(x)``), the
-    builtin otherwise (``len(self.layers)``)."""
-    if isinstance(obj, torch.fx.Proxy):
-        return obj.tracer.create_proxy("call_function", _BUILTIN_LEN, (obj,), {})
-    return _BUILTIN_LEN(obj)
+def _mutates_first_argument(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        name = node.target
+        return name.endswith("_") and not name.endswith("__") or name in ("__iadd__", "__isub__", "__imul__",
+                                                                           "__itruediv__", "__setitem__")
+    if node.op == "call_function":
+        try:
+            return node.target in _INPLACE_FUNCTIONS
+        except TypeError:
+            return False
+    return False
 
 
-# Tensor factories torch.fx cannot record when a size is traced (``torch.ones(t, t)``,
-# ``torch.full((t, t), 0.0)``: its argument parser rejects the Proxy).
-_FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "randint", "eye")
+def _protect_constants(gm: torch.fx.GraphModule) -> None:
+    """A tensor made at trace time (``z = torch.zeros(3)``) is a constant of the graph; when
+    the graph updates it in place (``z += x``), each call would see the last call's update.
+    Such a constant is cloned where the graph reads it, as eager mode makes a fresh one."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or not node.target.startswith("_tensor_constant"):
+            continue
+        if not any(_mutates_first_argument(u) and u.args and u.args[0] is node for u in node.users):
+            continue
+        with gm.graph.inserting_after(node):
+            fresh = gm.graph.call_method("clone", (node,))
+        fresh.meta = dict(node.meta)
+        node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
 
 
-def _has_proxy(value) -> bool:
-    return tree_any(value, lambda v: isinstance(v, torch.fx.Proxy))
+class Traced(tuple):
+    """What :func:`trace` returns: ``(graph_module, notes)``, plus ``.guards`` and
+    ``.failures`` (node name -> why its value could not be computed on meta tensors)."""
+
+    guards: tuple[Guard, ...]
+    failures: dict
+
+    def __new__(cls, gm, notes, guards, failures):
+        self = super().__new__(cls, (gm, notes))
+        self.guards = guards
+        self.failures = failures
+        return self
 
 
-def _traced_factory(fn):
-    @functools.wraps(fn)
-    def factory(*args, **kwargs):
-        proxy = next((a for a in (*args, *kwargs.values()) if _has_proxy(a)), None)
-        if proxy is None:
-            return fn(*args, **kwargs)
-        while not isinstance(proxy, torch.fx.Proxy):
-            proxy = next(p for p in proxy if _has_proxy(p))
-        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
-
-    return factory
-
-
-@contextlib.contextmanager
-def _tracing_builtins():
-    """While tracing: ``len`` and the tensor factories record traced sizes."""
-    saved = {name: getattr(torch, name) for name in _FACTORIES}
-    builtins.len = _traced_len
-    for name, fn in saved.items():
-        setattr(torch, name, _traced_factory(fn))
-    try:
-        yield
-    finally:
-        builtins.len = _BUILTIN_LEN
-        for name, fn in saved.items():
-            setattr(torch, name, fn)
-
-
-def trace(model: nn.Module, config: PrepareConfig | None = None) -> tuple[torch.fx.GraphModule, list[TraceNote]]:
+def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None) -> Traced:
     """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
 
-    Returns the GraphModule and the notes on submodules kept opaque.
+    Args:
+        examples: forward parameter name -> example value (see :class:`QprepTracer`).
+
+    Returns ``(graph_module, notes on submodules kept opaque)``, with ``.guards``; the
+    guards are also in ``gm.meta["qprep"]["guards"]`` and checked in the generated code.
     Raises :class:`~qprep.errors.TraceError` with the module, source line and fix.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
     config = config or PrepareConfig()
-    tracer = QprepTracer(config)
+    tracer = QprepTracer(config, examples)
     try:
-        # Trace the math path of nn.MultiheadAttention / nn.Transformer* (the fused fast
-        # path is one opaque kernel); verification measures the difference to it.
-        with mha_fastpath(False), _tracing_builtins():
-            graph = tracer.trace(model, concrete_args=config.concrete_args)
+        graph = tracer.trace(model, concrete_args=config.concrete_args)
     except TraceError:
         raise
     except Exception as exc:  # noqa: BLE001  (a failure in the root forward)
         frame = _user_frame(exc.__traceback__)
-        location = f"{os.path.relpath(frame.filename)}:{frame.lineno}" if frame else ""
+        location = location_text(frame.filename, frame.lineno) if frame else ""
         raise _trace_error("", model, location, _describe_failure(exc), exc) from exc
+    guards = insert_guards(graph, tracer.guards)
+    for node in graph.nodes:
+        # fx marks the calls of functions it auto-wrapped, and its code generator then writes
+        # `torch.fx.wrap(name)` into the generated code, registering the name process-wide
+        # under a key later traces cannot resolve; qprep's tracer records those calls anyway.
+        node.meta.pop("is_wrapped", None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    if gm.graph.eliminate_dead_code(is_impure_node=_is_impure):
-        gm.recompile()
+    _protect_constants(gm)
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.recompile()
     aliases = _module_aliases(model)
     if aliases:
         meta.set_graph_facts(gm, **{meta.MODULE_ALIASES: aliases})
-    return gm, tracer.notes
+    if guards:
+        meta.set_graph_facts(gm, **{meta.GUARDS: guards})
+    return Traced(gm, tracer.notes, guards, dict(tracer.values.failures) if tracer.values else {})
 
 
 def _is_impure(node: torch.fx.Node) -> bool:
-    """Only unused get_attr nodes left by a rollback are dead; every call is kept."""
-    return node.op != "get_attr"
+    """Dead when unused: get_attr nodes left by a rollback, and reads of metadata (a size
+    Python read and did not use); every other call is kept (it may update something)."""
+    return node.op != "get_attr" and not (node.op != "placeholder" and reads_metadata_only(node))

@@ -7,12 +7,16 @@ from typing import Iterator
 
 import torch
 import torch.fx
+import torch.fx._symbolic_trace as _fx_trace
 import torch.nn.functional as F
+from torch.fx.passes import shape_prop as _shape_prop
 from torch.nn.modules import transformer as _transformer
 
 __all__ = [
     "last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
+    "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
+    "autowrap_search",
 ]
 
 #: The function torch.fx records for ``assert x is None`` checks on concrete arguments.
@@ -46,6 +50,29 @@ def rename_like_fx(node: torch.fx.Node, *freed: str) -> None:
 
 
 _MODULE_CALL = torch.nn.Module.__call__  # as torch defines it, before anyone patches it
+#: ``nn.Module.__call__`` as torch defines it (torch.fx patches it while tracing).
+ORIGINAL_MODULE_CALL = _MODULE_CALL
+
+
+def extract_tensor_metadata(t: torch.Tensor):
+    """``node.meta["tensor_meta"]`` for ``t``, as ``torch.fx.passes.shape_prop.ShapeProp`` writes it."""
+    return _shape_prop._extract_tensor_metadata(t)  # noqa: SLF001
+
+
+def new_patcher():
+    """torch.fx's patcher: shadows names in a namespace (a module's globals) and restores
+    them on exit."""
+    return _fx_trace._Patcher()  # noqa: SLF001
+
+
+def wrapped_function_registry() -> dict:
+    """``torch.fx.wrap``'s registry: ``{(id(globals), name): globals}`` of the functions it wraps."""
+    return _fx_trace._wrapped_fns_to_patch  # noqa: SLF001
+
+
+def autowrap_search(tracer) -> list:
+    """The namespaces a ``torch.fx.Tracer`` patches its autowrapped functions in (by identity)."""
+    return tracer._autowrap_search  # noqa: SLF001
 
 
 def has_call_hooks(module: torch.nn.Module) -> bool:

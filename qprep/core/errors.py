@@ -13,6 +13,7 @@ __all__ = [
     "PassError",
     "RewriteError",
     "NotEquivalentError",
+    "GuardError",
 ]
 
 
@@ -63,3 +64,25 @@ class NotEquivalentError(QprepError):
     def __init__(self, message: str, *, result=None):
         super().__init__(message)
         self.result = result
+
+
+class GuardError(QprepError):
+    """A prepared model was called with inputs its specialisation does not cover.
+
+    Tracing fixed a value that the Python code needed concretely (``if x.dim() == 2:``,
+    ``range(x.size(0))``) to what the example inputs gave and recorded a guard; this call
+    gives another value, so the prepared graph may not compute what the model would.
+
+    Attributes:
+        expression: the guarded expression (``"attention_mask.dim() == 2"``).
+        expected: the value the prepared model was specialised to.
+        actual: the value this call gave.
+        location: ``file:line`` of the code that needed the value.
+    """
+
+    def __init__(self, message: str, *, expression: str = "", expected=None, actual=None, location: str = ""):
+        super().__init__(message)
+        self.expression = expression
+        self.expected = expected
+        self.actual = actual
+        self.location = location

@@ -15,8 +15,8 @@ import torch.fx
 
 __all__ = [
     "NAMESPACE", "STACK_TRACE", "MODULE_STACK", "VAL", "TENSOR_META",
-    "PASS", "ACTION", "FROM", "VALUE", "FOLLOWS_TRAINING", "MODE_ARG",
-    "PREPARATION", "MODULE_ALIASES",
+    "PASS", "ACTION", "FROM", "VALUE", "FOLLOWS_TRAINING", "MODE_ARG", "MODES",
+    "PREPARATION", "MODULE_ALIASES", "GUARDS",
     "facts", "fact", "set_facts", "graph_facts", "graph_fact", "set_graph_facts",
 ]
 
@@ -36,10 +36,12 @@ FROM = "from"  # ... and the node it was made from
 VALUE = "value"  # {"type", "shape", "has_tensor"}: what the node produced on the example inputs
 FOLLOWS_TRAINING = "follows_training"  # a bool argument of this call is its scope's self.training ...
 MODE_ARG = "mode_arg"  # ... at this position (int) or keyword (str)
+MODES = "modes"  # ("train",) / ("eval",): the node runs in that mode only (a graph of both modes)
 
 # Keys of gm.meta["qprep"].
 PREPARATION = "preparation"  # the qprep.core.records.Preparation of the prepared module
 MODULE_ALIASES = "module_aliases"  # {first name: [other names]} of modules registered twice
+GUARDS = "guards"  # tuple of qprep.core.guards.Guard: what tracing specialised, checked at run time
 
 
 def facts(node: torch.fx.Node) -> dict:

@@ -19,7 +19,7 @@ import torch.fx
 from . import meta
 from .records import Change
 
-__all__ = ["source_location", "source_code", "module_scope", "record_change", "stamp", "split_location", "source_uri"]
+__all__ = ["source_location", "location_text", "source_code", "module_scope", "record_change", "stamp", "split_location", "source_uri"]
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
 
@@ -63,12 +63,24 @@ def source_location(node: torch.fx.Node) -> str:
     frame = _user_frame(node)
     if frame is None:
         return ""
-    return f"{_shown(frame[0], os.getcwd())}:{frame[1]}"
+    return location_text(frame[0], frame[1])
+
+
+def location_text(file: str, line: int) -> str:
+    """``file:line`` as reports show it: code in an installed package relative to the package
+    (``torchvision/models/resnet.py:102``), other code relative to the working directory unless
+    that climbs two levels up."""
+    return f"{_shown(file, os.getcwd())}:{line}"
+
+
+_INSTALLED = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 
 @functools.lru_cache(maxsize=512)
 def _shown(file: str, cwd: str) -> str:
-    """A path relative to the working directory, unless that climbs two levels up."""
+    for marker in _INSTALLED:
+        if marker in file:
+            return file.rsplit(marker, 1)[1]
     try:
         shown = os.path.relpath(file, cwd)
     except ValueError:  # another drive on Windows

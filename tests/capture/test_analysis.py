@@ -1,4 +1,4 @@
-"""qprep.capture.analysis: example values recorded per node; which calls follow self.training."""
+"""qprep.capture.analysis: which calls follow self.training."""
 
 import operator
 
@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qprep.capture import trace
-from qprep.capture.analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, record_types
+from qprep.capture.analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode
 from qprep.core import meta
 from qprep.examples import DistillerBlock
 
@@ -20,19 +20,6 @@ class Drop(nn.Module):
 def _flip(model):
     for m in model.modules():
         m.training = not m.training
-
-
-def test_record_types_stores_type_shape_and_tensor_content_and_leaves_no_trace():
-    model = DistillerBlock(3, 3).train()
-    gm, _ = trace(model)
-    x = torch.randn(2, 3, 4, 4)
-    stats = model.bn1.running_mean.clone()
-    state = torch.random.get_rng_state()
-    record_types(gm, (x,))
-    values = {n.name: meta.fact(n, meta.VALUE) for n in gm.graph.nodes if n.op != "output"}
-    assert values["cat"] == {"type": torch.Tensor, "shape": (2, 6, 4, 4), "has_tensor": True}
-    assert torch.equal(model.bn1.running_mean, stats)  # buffers restored
-    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
 
 
 def test_mode_sensitive_calls_and_classes_that_read_training():

@@ -1,0 +1,161 @@
+"""Recording guards while tracing, and putting their checks into the graph.
+
+:class:`GuardRecorder` collects one :class:`~qprep.core.guards.Guard` each time the traced
+code needs a concrete value. :func:`insert_guards` adds a ``check_guard`` call for each,
+right after the node it checks, and moves the checks that depend only on the inputs'
+metadata (shapes, ranks, dtypes, lengths) with what they read to the top of ``forward``:
+
+    def forward(self, input_ids, attention_mask):
+        dim = attention_mask.dim()
+        eq = dim == 2
+        qprep_core_guards_check_guard(eq, True, 'bool', 'attention_mask.dim() == 2', 'modeling.py:988')
+        ...
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..core.guards import Guard, check_guard
+
+__all__ = ["GuardRecorder", "insert_guards", "describe", "reads_metadata_only"]
+
+# Ops that only read metadata: a guard built from them and the inputs can run first.
+_METADATA_METHODS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "is_floating_point", "is_complex",
+    "get_device", "is_contiguous", "element_size", "keys",
+})
+_METADATA_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "is_cpu", "type", "layout", "requires_grad"})
+_ARITHMETIC = {
+    operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/", operator.floordiv: "//",
+    operator.mod: "%", operator.pow: "**", operator.eq: "==", operator.ne: "!=", operator.lt: "<",
+    operator.le: "<=", operator.gt: ">", operator.ge: ">=", operator.and_: "&", operator.or_: "|",
+}
+_PURE_FUNCTIONS = frozenset({operator.getitem, builtins.len, builtins.getattr, operator.not_, operator.neg,
+                             math.ceil, math.floor, math.trunc, builtins.round, builtins.min, builtins.max,
+                             builtins.abs, builtins.isinstance})
+
+
+class GuardRecorder:
+    """The guards of one trace, in the order they were needed."""
+
+    def __init__(self):
+        self.guards: list[tuple[torch.fx.Node, Guard]] = []
+        self._seen: set = set()
+
+    def record(self, node: torch.fx.Node, how: str, expected: Any, location: str, code: str) -> None:
+        key = (node, how, repr(expected))
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.guards.append((node, Guard(node.name, how, expected, describe(node), location, code)))
+
+    def mark(self) -> int:
+        return len(self.guards)
+
+    def rollback(self, mark: int) -> None:
+        """Forget the guards recorded after ``mark`` (their nodes were erased)."""
+        for node, guard in self.guards[mark:]:
+            self._seen.discard((node, guard.how, repr(guard.expected)))
+        del self.guards[mark:]
+
+
+def describe(node: Any, depth: int = 0) -> str:
+    """The expression a metadata node computes, in terms of the inputs: ``x.size(-1) == 224``."""
+    if not isinstance(node, torch.fx.Node):
+        return repr(node) if not isinstance(node, (list, tuple)) else repr(type(node)(describe(n, depth) for n in node))
+    if depth > 6:
+        return node.name
+    if node.op == "placeholder":
+        return node.target.lstrip("*")
+    if node.op == "get_attr":
+        return f"self.{node.target}"
+    args = node.args
+    if node.op == "call_method":
+        rest = ", ".join(describe(a, depth + 1) for a in args[1:])
+        return f"{describe(args[0], depth + 1)}.{node.target}({rest})"
+    if node.op == "call_function":
+        if node.target is builtins.getattr:
+            return f"{describe(args[0], depth + 1)}.{args[1]}"
+        if node.target is operator.getitem:
+            index = args[1]
+            shown = _slice_text(index) if isinstance(index, slice) else describe(index, depth + 1)
+            return f"{describe(args[0], depth + 1)}[{shown}]"
+        if node.target in _ARITHMETIC and len(args) == 2:
+            return f"{describe(args[0], depth + 1)} {_ARITHMETIC[node.target]} {describe(args[1], depth + 1)}"
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"{name}({', '.join(describe(a, depth + 1) for a in args)})"
+    return node.name
+
+
+def _slice_text(s: slice) -> str:
+    parts = ["" if v is None else describe(v) for v in (s.start, s.stop)]
+    return ":".join(parts) + (f":{describe(s.step)}" if s.step is not None else "")
+
+
+def reads_metadata_only(node: torch.fx.Node) -> bool:
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function":
+        if node.target is builtins.getattr:
+            return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
+        try:
+            return node.target in _ARITHMETIC or node.target in _PURE_FUNCTIONS
+        except TypeError:
+            return False
+    return False
+
+
+def _metadata_ancestors(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """``node`` and everything it reads, when all of it only reads the inputs' metadata."""
+    found, todo = {}, [node]
+    while todo:
+        current = todo.pop()
+        if current in found:
+            continue
+        if not reads_metadata_only(current):
+            return None
+        found[current] = None
+        todo.extend(current.all_input_nodes)
+    return list(found)
+
+
+def insert_guards(graph: torch.fx.Graph, recorder: GuardRecorder) -> tuple[Guard, ...]:
+    """Add a ``check_guard`` call per recorded guard; hoist the input-only ones to the top.
+    Returns the guards (``inputs_only`` set for the hoisted)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    hoist: set[torch.fx.Node] = set()
+    guards = []
+    for node, guard in recorder.guards:
+        if node.graph is not graph:  # erased by a rollback or dead-code elimination
+            continue
+        with graph.inserting_after(node):
+            check = graph.call_function(check_guard, (node, guard.expected, guard.how, guard.expression,
+                                                      guard.location))
+        check.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        ancestors = _metadata_ancestors(node)
+        inputs_only = ancestors is not None
+        if inputs_only:
+            hoist.update(n for n in ancestors if n.op != "placeholder")
+            hoist.add(check)
+        guards.append(Guard(node.name, guard.how, guard.expected, guard.expression, guard.location, guard.code,
+                            inputs_only))
+    if hoist:
+        anchor = placeholders[-1] if placeholders else None
+        for node in [n for n in graph.nodes if n in hoist]:
+            if anchor is None:
+                first = next(iter(graph.nodes))
+                if first is not node:
+                    first.prepend(node)
+            else:
+                anchor.append(node)
+            anchor = node
+    return tuple(guards)

@@ -1,0 +1,100 @@
+"""qprep's Proxy: fx's, plus what a value-aware tracer needs.
+
+* Augmented assignment (``y += z``) is recorded as the in-place operator
+  (``operator.iadd``); plain fx records ``operator.add``, which breaks aliasing.
+* ``y[:, 0] = v`` is recorded as ``operator.setitem``.
+* ``math.ceil``/``floor``/``trunc`` and ``round`` of a traced size stay symbolic.
+* Where Python needs a concrete value, ``bool()``, ``int()``, ``float()``, ``operator.index``
+  (``range``, indexing a list), ``len()``, iteration and ``**``-unpacking, the proxy asks its
+  tracer (:meth:`QprepTracer.concrete` and friends), which answers with the example's value and
+  records a guard, or raises when the value is unknown or is tensor data.
+* The layout flags of :data:`CONSTANT_ATTRS` are answered as dense (``x.is_nested`` is
+  ``False``): qprep prepares dense strided tensors.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+import sys
+
+import torch.fx
+
+__all__ = ["QprepProxy", "CONSTANT_ATTRS"]
+
+#: Tensor layout flags that torch.nn code branches on; qprep prepares dense strided tensors.
+CONSTANT_ATTRS = {"is_nested": False, "is_sparse": False, "is_quantized": False, "is_mkldnn": False}
+
+_INPLACE_MAGIC = {
+    "iadd": operator.iadd, "isub": operator.isub, "imul": operator.imul,
+    "itruediv": operator.itruediv, "ifloordiv": operator.ifloordiv, "imod": operator.imod,
+    "ipow": operator.ipow, "imatmul": operator.imatmul, "iand": operator.iand,
+    "ior": operator.ior, "ixor": operator.ixor, "ilshift": operator.ilshift,
+    "irshift": operator.irshift,
+}
+
+
+class QprepProxy(torch.fx.Proxy):
+    """See the module docstring."""
+
+    def __getattr__(self, k):
+        if k in CONSTANT_ATTRS:
+            return CONSTANT_ATTRS[k]
+        if k.startswith("__"):  # copy, pickle and friends ask for dunders: not graph values
+            raise AttributeError(k)
+        return self.tracer.attribute(self, k)
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    # -- where Python needs a concrete value -----------------------------------------
+    def __bool__(self):
+        return self.tracer.concrete(self, "bool")
+
+    def __index__(self):
+        return self.tracer.concrete(self, "index")
+
+    def __int__(self):
+        return self.tracer.concrete(self, "int")
+
+    def __float__(self):
+        return self.tracer.concrete(self, "float")
+
+    def __len__(self):
+        return self.tracer.concrete(self, "len")
+
+    def __iter__(self):
+        return self.tracer.iterate(self, sys._getframe(1))
+
+    def __contains__(self, item):
+        return self.tracer.contains(self, item)
+
+    def keys(self):
+        return self.tracer.concrete_keys(self)
+
+    # -- math on traced sizes stays symbolic ------------------------------------------
+    def __ceil__(self):
+        return self.tracer.create_proxy("call_function", math.ceil, (self,), {})
+
+    def __floor__(self):
+        return self.tracer.create_proxy("call_function", math.floor, (self,), {})
+
+    def __trunc__(self):
+        return self.tracer.create_proxy("call_function", math.trunc, (self,), {})
+
+    def __round__(self, ndigits=None):
+        args = (self,) if ndigits is None else (self, ndigits)
+        return self.tracer.create_proxy("call_function", builtins.round, args, {})
+
+
+def _make_inplace(op):
+    def impl(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    impl.__name__ = f"__{op.__name__}__"
+    return impl
+
+
+for _name, _op in _INPLACE_MAGIC.items():
+    setattr(QprepProxy, f"__{_name}__", _make_inplace(_op))

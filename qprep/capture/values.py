@@ -1,0 +1,328 @@
+"""Example values during tracing.
+
+When example inputs are given, every traced node also carries what its example produced,
+in ``node.meta["val"]`` as torch.fx's own ``FakeTensorProp`` writes it, and, for tensors,
+``node.meta["tensor_meta"]`` as ``ShapeProp`` writes it. Tensors are **meta tensors**: shape,
+dtype, strides and ``requires_grad``, no data, so no real compute runs and a model built on
+the meta device needs no weights. The real device of each tensor is kept beside it
+(:meth:`Values.device`), so Python code that reads ``x.device`` or ``x.is_cuda`` sees the
+example's device. Python values (sizes, dtypes, lengths, flags) are kept as they are.
+
+Each op is run on the meta values of its inputs: functions and methods directly, leaf modules
+through a structural twin that holds meta copies of their parameters (the real module never
+runs), ``torch.nn`` modules that keep the shape of their input (activations, norms, dropout)
+by a rule. An op that cannot run on meta tensors (an op without a meta kernel, ``.item()``,
+an output shape that depends on data) gives no value (:data:`UNKNOWN`); the trace goes on
+symbolically from there, and Python code that needs a concrete value from it fails with a
+clear error rather than a guess.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.node import map_aggregate
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..core import meta
+from ..core._compat import ORIGINAL_MODULE_CALL, extract_tensor_metadata
+from ..core.template import tree_any
+
+__all__ = ["UNKNOWN", "Values", "value_of", "is_known"]
+
+
+class _Unknown:
+    """The value of a node qprep could not compute on the example."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+    def __reduce__(self):
+        return (_Unknown, ())
+
+
+UNKNOWN = _Unknown()
+
+#: ``torch.nn`` modules whose output has the shape, dtype and device of their (first) input.
+SHAPE_PRESERVING = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold, nn.RReLU, nn.Identity,
+    nn.Softmax, nn.LogSoftmax, nn.Softmin,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+)
+
+# Keyword and positional device arguments are evaluated on the meta device.
+_META = torch.device("meta")
+
+
+def value_of(node: Any) -> Any:
+    """The example value of a node (a constant is its own value), or :data:`UNKNOWN`."""
+    if isinstance(node, torch.fx.Node):
+        return node.meta.get(meta.VAL, UNKNOWN)
+    return node
+
+
+def is_known(value: Any) -> bool:
+    return not tree_any(value, lambda v: v is UNKNOWN)
+
+
+@dataclasses.dataclass
+class _Failure:
+    """Why a node has no value: the op that failed on meta tensors and its error."""
+
+    node: str
+    error: str
+
+
+class Values:
+    """The example values of one trace.
+
+    Args:
+        root: the module being traced (leaf modules and attributes are looked up on it).
+        examples: placeholder name -> example value; ``None`` when no example inputs were given
+            (then every value is :data:`UNKNOWN` and tracing is purely symbolic).
+        passthrough: a context manager under which the tracer lets module calls and wrapped
+            functions run as plain Python (the evaluation of a value must not be traced).
+    """
+
+    def __init__(self, root: nn.Module, examples: dict[str, Any] | None, passthrough: Callable):
+        self.root = root
+        self.examples = examples
+        self.enabled = examples is not None
+        self._passthrough = passthrough
+        self._meta_of: dict[int, torch.Tensor] = {}  # id(real tensor) -> its meta twin
+        self._real: list[torch.Tensor] = []  # keeps the real tensors alive so ids stay unique
+        self._twins: dict[int, nn.Module] = {}
+        self._devices = WeakIdKeyDictionary()  # meta tensor -> the real device it stands for
+        self.failures: dict[str, _Failure] = {}
+
+    # -- what a node's value is --------------------------------------------------------
+    def record(self, node: torch.fx.Node) -> None:
+        """Compute ``node``'s example value and write it to ``node.meta``."""
+        if not self.enabled or node.op == "output":
+            return
+        try:
+            value = self._evaluate(node)
+        except _NoValue:
+            return
+        except Exception as exc:  # noqa: BLE001  (an op meta tensors cannot run: no value, traced on symbolically)
+            self.failures[node.name] = _Failure(node.name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            return
+        node.meta[meta.VAL] = value
+        if isinstance(value, torch.Tensor):
+            node.meta[meta.TENSOR_META] = extract_tensor_metadata(value)
+        meta.set_facts(node, **{meta.VALUE: {
+            "type": torch.Tensor if isinstance(value, torch.Tensor) else type(value),
+            "shape": tuple(value.shape) if isinstance(value, torch.Tensor) else None,
+            "has_tensor": tree_any(value, lambda v: isinstance(v, torch.Tensor)),
+        }})
+
+    def why_unknown(self, node: torch.fx.Node) -> str:
+        """Why ``node`` has no value, as text."""
+        if not self.enabled:
+            return "no example inputs were given (pass example_inputs)"
+        seen: set = set()
+        todo = [node]
+        while todo:  # the first node up the graph that failed on meta tensors
+            current = todo.pop()
+            if current.name in self.failures:
+                f = self.failures[current.name]
+                return f"`{current.format_node()}` could not run on the example's meta tensors ({f.error})"
+            seen.add(current)
+            todo.extend(n for n in current.all_input_nodes if n not in seen)
+        return "it depends on a value qprep could not compute on the example"
+
+    def device(self, value: torch.Tensor) -> torch.device:
+        """The real device the meta tensor ``value`` stands for."""
+        return self._devices.get(value, torch.device("cpu"))
+
+    # -- evaluation ------------------------------------------------------------------
+    def _evaluate(self, node: torch.fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self._placeholder(node)
+        args = torch.fx.node.map_arg(node.args, _required)
+        kwargs = torch.fx.node.map_arg(node.kwargs, _required)
+        with self._passthrough():
+            if node.op == "get_attr":
+                obj: Any = self.root
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                return self.to_meta(obj)
+            if node.op == "call_module":
+                return self._call_module(node.target, args, kwargs)
+            if node.op == "call_method":
+                return self._call_method(node.target, args, kwargs)
+            return self._call_function(node.target, args, kwargs)
+
+    def _placeholder(self, node: torch.fx.Node) -> Any:
+        name = node.target.lstrip("*")
+        if name not in self.examples:
+            raise _NoValue
+        return self.to_meta(self.examples[name])
+
+    def _inputs_device(self, *values: Any) -> torch.device | None:
+        found: list[torch.device] = []
+
+        def visit(v):
+            if isinstance(v, torch.Tensor) and not found:
+                found.append(self.device(v) if v.is_meta else v.device)
+
+        map_aggregate(values, visit)
+        return found[0] if found else None
+
+    def _call_function(self, target: Callable, args: tuple, kwargs: dict) -> Any:
+        device = _requested_device(kwargs)
+        args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
+        if device is not None and "device" not in kwargs:
+            kwargs["device"] = _META
+        out = target(*args, **kwargs)
+        return self._outputs(out, device or self._inputs_device(args, kwargs))
+
+    def _call_method(self, name: str, args: tuple, kwargs: dict) -> Any:
+        receiver = args[0]
+        if isinstance(receiver, torch.Tensor) and name in ("to", "cuda", "cpu", "type"):
+            return self._move(receiver, name, args[1:], kwargs)
+        if isinstance(receiver, torch.Tensor) and name == "get_device":
+            device = self.device(receiver)
+            return device.index if device.type != "cpu" else -1
+        device = _requested_device(kwargs)
+        args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
+        out = getattr(args[0], name)(*args[1:], **kwargs)
+        return self._outputs(out, device or self._inputs_device(args))
+
+    def _move(self, t: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``x.to(...)``, ``x.cuda()``, ``x.cpu()``, ``x.type(...)`` on a meta tensor: the
+        dtype change is run, the device change recorded."""
+        t = self.to_meta(t)
+        device = self.device(t)
+        if name == "cuda":
+            device = torch.device("cuda", args[0] if args and isinstance(args[0], int) else 0)
+            return self._outputs(t.clone() if kwargs.get("copy") else t, device)
+        if name == "cpu":
+            return self._outputs(t, torch.device("cpu"))
+        if name == "type":
+            return self._outputs(t.type(*args, **kwargs), device)
+        dtype, rest = t.dtype, dict(kwargs)
+        device = torch.device(rest.pop("device")) if rest.get("device") is not None else device
+        rest.pop("device", None)
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, (str, torch.device)):
+                device = torch.device(a)
+            elif isinstance(a, torch.Tensor):
+                dtype, device = a.dtype, self.device(a) if a.is_meta else a.device
+        dtype = rest.pop("dtype", dtype)
+        out = t.to(dtype=dtype, **{k: v for k, v in rest.items() if k in ("copy", "memory_format", "non_blocking")})
+        return self._outputs(out, device)
+
+    def _call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.root.get_submodule(target)
+        args, kwargs = self.to_meta(args), self.to_meta(kwargs)
+        device = self._inputs_device(args, kwargs)
+        if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            grads = torch.is_grad_enabled() and (
+                args[0].requires_grad or any(p.requires_grad for p in module.parameters(recurse=False)))
+            out = torch.empty_like(args[0])
+            return self._outputs(out.requires_grad_().clone() if grads else out, device)  # not a leaf, as eager
+        return self._outputs(ORIGINAL_MODULE_CALL(self._twin(module), *args, **kwargs), device)
+
+    def _twin(self, module: nn.Module) -> nn.Module:
+        """``module`` with every parameter and buffer a meta tensor, hooks removed (a
+        structural copy; the module itself when it already lives on the meta device)."""
+        twin = self._twins.get(id(module))
+        if twin is None:
+            state = [*module.parameters(), *module.buffers()]
+            if all(t.is_meta for t in state):
+                twin = module
+            else:
+                twin = copy.deepcopy(module, {id(t): self.to_meta(t) for t in state})
+                for m in twin.modules():
+                    for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,  # noqa: SLF001
+                                  m._backward_pre_hooks):  # noqa: SLF001
+                        hooks.clear()
+            self._twins[id(module)] = twin
+            self._real.append(module)
+        return twin
+
+    # -- meta tensors ----------------------------------------------------------------
+    def to_meta(self, value: Any) -> Any:
+        """``value`` with every real tensor replaced by its meta twin (cached, so one tensor
+        has one twin); Parameters stay Parameters."""
+        if isinstance(value, torch.Tensor):
+            return self._tensor_to_meta(value)
+        if isinstance(value, (list, tuple, dict, slice)) and tree_any(value, lambda v: isinstance(v, torch.Tensor)):
+            if isinstance(value, tuple) and hasattr(value, "_fields"):
+                return type(value)(*(self.to_meta(v) for v in value))
+            if isinstance(value, (list, tuple)):
+                return type(value)(self.to_meta(v) for v in value)
+            if isinstance(value, dict):
+                out = value.copy()
+                for k, v in value.items():
+                    out[k] = self.to_meta(v)
+                return out
+        return value
+
+    def _tensor_to_meta(self, t: torch.Tensor) -> torch.Tensor:
+        if t.is_meta:
+            return t
+        found = self._meta_of.get(id(t))
+        if found is None:
+            with torch.no_grad():
+                found = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=_META)
+            if isinstance(t, nn.Parameter):
+                found = nn.Parameter(found, requires_grad=t.requires_grad)
+            elif t.requires_grad:
+                found.requires_grad_(True)
+            self._devices[found] = t.device
+            self._meta_of[id(t)] = found
+            self._real.append(t)
+        return found
+
+    def _outputs(self, out: Any, device: torch.device | None) -> Any:
+        """Real tensors an op made (a constant) become meta; new meta tensors get ``device``."""
+        out = self.to_meta(out)
+        if device is not None:
+            def mark(v):
+                if isinstance(v, torch.Tensor) and v not in self._devices:
+                    self._devices[v] = device
+
+            map_aggregate(out, mark) if not isinstance(out, torch.Tensor) else mark(out)
+        return out
+
+
+class _NoValue(Exception):
+    """The node has no example value (an input the example does not give, an unknown input)."""
+
+
+def _required(node: torch.fx.Node) -> Any:
+    value = node.meta.get(meta.VAL, UNKNOWN)
+    if value is UNKNOWN:
+        raise _NoValue
+    return value
+
+
+def _requested_device(kwargs: dict) -> torch.device | None:
+    device = kwargs.get("device")
+    return torch.device(device) if isinstance(device, (str, torch.device)) else None
+
+
+def _meta_devices(kwargs: dict) -> dict:
+    if "device" in kwargs and isinstance(kwargs["device"], (str, torch.device)):
+        kwargs = {**kwargs, "device": _META}
+    return kwargs
