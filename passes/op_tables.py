@@ -6,6 +6,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.utils.rnn as rnn_utils
 
 from qprep import modules as qm
 from qprep.core._compat import assert_is_none
@@ -48,6 +49,7 @@ FUNCTION_TABLE: dict = {
     operator.and_: qm.BitwiseAnd, operator.iand: qm.BitwiseAnd, operator.or_: qm.BitwiseOr,
     operator.ior: qm.BitwiseOr, operator.xor: qm.BitwiseXor, operator.ixor: qm.BitwiseXor,
     operator.invert: qm.BitwiseNot, torch.bitwise_not: qm.BitwiseNot,
+    operator.setitem: qm.SetItem,
 }
 
 
@@ -104,7 +106,7 @@ DATA_MOVEMENT_METHODS: frozenset = frozenset({
 
 #: Functions left as graph nodes by policy (matched by identity): indexing, views, factories.
 DATA_MOVEMENT_FUNCTIONS: frozenset = frozenset({
-    operator.getitem, operator.setitem, getattr, torch._assert,
+    operator.getitem, getattr, torch._assert,
     torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
     torch.unbind, torch.narrow, torch.select, torch.index_select, torch.gather, torch.movedim, torch.flip,
     torch.roll, torch.tile, torch.tril, torch.triu, torch.diagonal, torch.broadcast_to, torch.masked_select,
@@ -113,4 +115,7 @@ DATA_MOVEMENT_FUNCTIONS: frozenset = frozenset({
     torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand, torch.randn,
     torch.rand_like, torch.randn_like, torch.tensor, torch.as_tensor, torch.scalar_tensor,
     assert_is_none,
+    # packing and padding reorganise sequences: data movement
+    rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence, rnn_utils.pack_sequence, rnn_utils.pad_sequence,
+    rnn_utils.unpack_sequence, rnn_utils.unpad_sequence,
 })

@@ -16,23 +16,31 @@ After::
         return self.cat(x, iadd)             # qprep.modules.Cat(dim=1)
 
 Each wrapper makes exactly the call the user made (same callable, same constants, same
-in-place form), so outputs stay bitwise identical and aliasing behaves as in eager mode.
-Only tensor-producing nodes are wrapped: ``x.size(0) // 2`` stays plain Python. Data
-movement (views, reshapes, indexing, dtype conversion) stays as graph nodes; see
-``passes/README.md`` for the exact policy.
+in-place form), so outputs stay bitwise identical and aliasing behaves as in eager mode;
+``y[i] = v`` becomes a ``SetItem`` that updates ``y`` in place. A tensor op in no table
+(``torch.topk``, a user's ``torch.fx.wrap`` function) is kept whole in an exact
+``qprep.modules.Functional`` wrapper, with the reason recorded (``strict=True`` raises
+instead). Only tensor-producing nodes are wrapped: ``x.size(0) // 2`` stays plain Python.
+Data movement (views, reshapes, indexing, dtype conversion) and guard checks stay as graph
+nodes; see ``passes/README.md`` for the exact policy.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch.fx
 
 from qprep.core.config import PrepareConfig
 from qprep.core.errors import RewriteError
 from qprep.core.guards import is_guard
-from qprep.core.graph import ModuleNamer, lookup, member, produces_tensor, replace_with_module, target_text, type_name
+from qprep.core.graph import (
+    ModuleNamer, lookup, member, produces_tensor, replace_with_module, short_name, target_text, type_name,
+)
 from qprep.core.provenance import module_scope, record_change
 from qprep.core.records import REWRITTEN, SKIPPED, PassResult
 from qprep.core.template import call_template
+from qprep import modules as qm
 from qprep.modules import TensorOp
 from qprep.passes.functional_table import is_functional
 from qprep.passes.op_tables import DATA_MOVEMENT_FUNCTIONS, DATA_MOVEMENT_METHODS, FUNCTION_TABLE, METHOD_TABLE
@@ -43,8 +51,9 @@ PASS_NAME = "wrap_tensor_ops"
 REASON_DATA_MOVEMENT = "data movement: stays a graph node by policy"
 REASON_SHAPE = "shape arithmetic: not a tensor, stays plain Python"
 REASON_FUNCTIONAL = "a torch.nn.functional call (or its torch/Tensor twin): convert_functionals makes it a module"
-REASON_UNSUPPORTED = ("unsupported op: no wrapper module in the tables "
-                      "(map it to a module with PrepareConfig(op_modules={op: Module}))")
+REASON_GENERIC = ("no dedicated wrapper in the tables: kept whole in an exact qprep.modules.Functional wrapper "
+                  "(map it to a module of your own with PrepareConfig(op_modules={op: Module}))")
+REASON_NOT_TENSOR = "a method of a Python object, not of a tensor: stays a graph node"
 
 
 def _user_module(node: torch.fx.Node, config: PrepareConfig) -> type | None:
@@ -85,35 +94,51 @@ def wrap_tensor_ops(gm: torch.fx.GraphModule, config: PrepareConfig) -> PassResu
         if node.op not in ("call_function", "call_method") or is_guard(node):
             continue
         op_text = target_text(node)
-        cls = _user_module(node, config)
+        cls, note = _user_module(node, config), ""
         if cls is None:
             cls = _wrapper_for(node)
             reason = _why_not(node, cls, config, tensors)
-            if reason:
+            if reason is REASON_GENERIC:
+                cls, note = qm.Functional, reason
+            elif reason:
                 changes.append(record_change(node, PASS_NAME, SKIPPED, op_text, op_text, reason=reason))
                 continue
         module, args, kwargs = _build(cls, node)
-        name = namer.name(module_scope(node), cls.__name__.lower())
+        base = cls.__name__.lower() if cls is not qm.Functional else (short_name(node).strip("_") or "functional")
+        name = namer.name(module_scope(node), base)
         change = record_change(node, PASS_NAME, REWRITTEN, op_text, op_text, module_name=name,
-                               module_type=type_name(module))
+                               module_type=type_name(module), reason=note)
         replace_with_module(gm, node, name, module, args, PASS_NAME, kwargs)
         changes.append(change)
     changed = any(c.action == REWRITTEN for c in changes)
     return PassResult(PASS_NAME, gm, changed, tuple(changes))
 
 
+def _computes_tensor(node: torch.fx.Node, tensors: dict) -> bool:
+    """Whether ``node`` computes a tensor; an in-place update that returns nothing
+    (``y[i] = v``) computes the tensor it updates."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return isinstance(node.args[0], torch.fx.Node) and produces_tensor(node.args[0], tensors)
+    return produces_tensor(node, tensors)
+
+
 def _why_not(node: torch.fx.Node, cls: type | None, config: PrepareConfig, tensors: dict) -> str:
-    """Why ``node`` stays as it is, or ``""`` when it is wrapped in ``cls``."""
+    """Why ``node`` stays as it is; ``""`` when it is wrapped in ``cls``, :data:`REASON_GENERIC`
+    when it is wrapped whole in a ``Functional``."""
     if cls is not None:
-        return "" if produces_tensor(node, tensors) else REASON_SHAPE
+        return "" if _computes_tensor(node, tensors) else REASON_SHAPE
     if is_functional(node):
         return REASON_FUNCTIONAL
     if _data_movement(node):
         return REASON_DATA_MOVEMENT
     if not produces_tensor(node, tensors):
         return REASON_SHAPE
+    if node.op == "call_method" and not (isinstance(node.args[0], torch.fx.Node)
+                                         and produces_tensor(node.args[0], tensors)):
+        return REASON_NOT_TENSOR
     if config.strict:
         change = record_change(node, PASS_NAME, SKIPPED, target_text(node))
-        raise RewriteError(f"{PASS_NAME}: cannot rewrite {target_text(node)} ({node.name}) at "
-                           f"{change.location or '?'}: {REASON_UNSUPPORTED}")
-    return REASON_UNSUPPORTED
+        raise RewriteError(f"{PASS_NAME}: no dedicated wrapper for {target_text(node)} ({node.name}) at "
+                           f"{change.location or '?'} (strict=True; without it the op is kept whole in an exact "
+                           "qprep.modules.Functional wrapper)")
+    return REASON_GENERIC

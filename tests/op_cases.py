@@ -125,7 +125,16 @@ FUNCTION_CASES = {
     operator.ixor: (lambda x, y: operator.ixor(x > 0.5, y > 0.5), [A, A]),
     operator.invert: (lambda x: ~(x > 0.5), [A]),
     torch.bitwise_not: (lambda x: torch.bitwise_not(x > 0.5), [A]),
+    operator.setitem: (lambda x, y: _set_rows(x, y), [A, A]),
 }
+
+
+def _set_rows(x, y):
+    """``y[:, 0] = x[:, 1]`` and a masked assignment, through an alias: z sees both."""
+    z = y
+    y[:, 0] = x[:, 1]
+    y[x > 0.9] = 0.25
+    return z * 1
 
 
 def _m(name, *args, shapes=(A,), **kwargs):

@@ -352,16 +352,18 @@ def test_unused_parameters_and_modules_keep_their_state_dict_keys():
     gm.load_state_dict(Partial().state_dict(), strict=True)
 
 
-def test_unsupported_op_is_reported_and_strict_raises():
+def test_op_without_a_table_entry_is_kept_whole_in_a_module_and_strict_raises():
     class TopK(nn.Module):
         def forward(self, x):
             return torch.topk(x * 2, 2).values
 
     model = TopK()
     gm = qprep.prepare(model, (torch.randn(3, 5),))
-    skipped = [c for c in gm.meta["qprep"]["preparation"].changes if c.action == "skipped"]
-    assert [c.op for c in skipped if "unsupported" in c.reason] == ["torch.topk"]
-    assert "test_prepare.py" in skipped[0].location
+    generic = [c for c in gm.meta["qprep"]["preparation"].changes if "no dedicated wrapper" in c.reason]
+    assert [(c.op, c.action, c.module_type) for c in generic] == [
+        ("torch.topk", "rewritten", "qprep.modules.Functional")]
+    assert "test_prepare.py" in generic[0].location
+    assert isinstance(gm.topk, qprep.modules.Functional) and gm.topk.call is torch.topk
     assert qprep.verify(model, gm, torch.randn(4, 5)).equal
     with pytest.raises(qprep.RewriteError, match="torch.topk"):
         qprep.prepare(model, (torch.randn(3, 5),), strict=True)

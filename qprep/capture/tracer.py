@@ -537,6 +537,17 @@ def _protect_constants(gm: torch.fx.GraphModule) -> None:
         node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
 
 
+def _constants_out_of_state(gm: torch.fx.GraphModule) -> None:
+    """Tensors made at trace time are constants of the graph, not state: GraphModule
+    registers them as buffers, which would add ``_tensor_constant0`` to ``state_dict()`` and
+    break loading the original's checkpoint with ``strict=True``."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("_tensor_constant") and "." not in node.target:
+            value = getattr(gm, node.target)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                gm.register_buffer(node.target, value, persistent=False)
+
+
 class Traced(tuple):
     """What :func:`trace` returns: ``(graph_module, notes)``, plus ``.guards`` and
     ``.failures`` (node name -> why its value could not be computed on meta tensors)."""
@@ -580,6 +591,7 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         # under a key later traces cannot resolve; qprep's tracer records those calls anyway.
         node.meta.pop("is_wrapped", None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    _constants_out_of_state(gm)
     _protect_constants(gm)
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.recompile()

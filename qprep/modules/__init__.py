@@ -8,7 +8,7 @@ from .ops import (
     Minimum, MaskedFill, Exp, Log, Log2, Log1p, Sqrt, Rsqrt, Abs, Sign, Square, Floor, Ceil,
     Round, Trunc, Erf, Sin, Cos, Atan2, Expm1, Mean, Sum, Prod, Amax, Amin, Max, Min, Norm,
     Cumsum, Cumprod, Var, Std, LogSumExp, Eq, Ne, Lt, Le, Gt, Ge, LogicalNot,
-    LogicalAnd, LogicalOr, BitwiseAnd, BitwiseOr, BitwiseXor, BitwiseNot, Functional,
+    LogicalAnd, LogicalOr, BitwiseAnd, BitwiseOr, BitwiseXor, BitwiseNot, SetItem, Functional,
 )
 from .attention import ModularMultiheadAttention, SafeSoftmax, SlicedLinear
 from .rnn import ModularGRU, ModularGRUCell, ModularLSTM, ModularLSTMCell, ModularRecurrentLayer, ModularRNN, ModularRNNCell

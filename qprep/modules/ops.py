@@ -23,7 +23,7 @@ __all__ = [
     "Mean", "Sum", "Prod", "Amax", "Amin", "Max", "Min", "Norm", "Cumsum", "Cumprod", "Var",
     "Std", "LogSumExp",
     "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "LogicalNot", "LogicalAnd", "LogicalOr", "BitwiseAnd",
-    "BitwiseOr", "BitwiseXor", "BitwiseNot",
+    "BitwiseOr", "BitwiseXor", "BitwiseNot", "SetItem",
     "Functional",
 ]
 
@@ -111,7 +111,11 @@ BitwiseAnd = _op("BitwiseAnd", operator.and_, inplace=("iand",))
 BitwiseOr = _op("BitwiseOr", operator.or_, inplace=("ior",))
 BitwiseXor = _op("BitwiseXor", operator.xor, inplace=("ixor",))
 
+# Indexed assignment: y[:, 0] = v updates y in place, as eager mode does.
+SetItem = _op("SetItem", operator.setitem, arg_names=("input", "index", "value"), inplace=("setitem",),
+              doc="``y[index] = value`` (``operator.setitem``): updates ``y`` in place.")
+
 # A torch.nn.functional call that has no nn module with the same semantics (F.normalize, ...).
-Functional = _op("Functional", None, arg_names=("input",), doc="A ``torch.nn.functional`` call with no ``nn`` module (``F.normalize``, ...); the function is shown in ``extra_repr``.")
+Functional = _op("Functional", None, arg_names=("input",), doc="An exact call of a function no dedicated module reproduces (``F.normalize``, ``torch.topk``, a user's function); the function is shown in ``extra_repr``.")
 
 del _name, _fn

@@ -251,8 +251,9 @@ def verify_outputs(
         if not result.equal:
             result = _against_native(original, prepared, args, seed, grad, result)
     finally:
-        original.train(modes[0])
-        prepared.train(modes[1])
+        if train is not None:
+            original.train(modes[0])
+            prepared.train(modes[1])
     return result
 
 

@@ -336,10 +336,15 @@ class PackInForward(nn.Module):
         return pad_packed_sequence(output)[0], hidden
 
 
-def test_pack_padded_sequence_in_forward_does_not_trace():
-    """PackedSequence's constructor branches on its tensors, so fx cannot trace the call."""
-    with pytest.raises(qprep.TraceError, match="pack_padded_sequence"):
-        qprep.prepare(PackInForward(), torch.randn(T, len(LENGTHS), I))
+def test_pack_padded_sequence_in_forward_is_a_recorded_call():
+    """The packing calls are recorded as calls (not traced into) and the modular LSTM
+    consumes the PackedSequence."""
+    model = PackInForward().eval()
+    gm = qprep.prepare(model, torch.randn(T, len(LENGTHS), I))
+    assert type(gm.lstm) is ModularLSTM
+    called = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert {pack_padded_sequence, pad_packed_sequence} <= called
+    assert qprep.verify(model, gm, torch.randn(T, len(LENGTHS), I), grad=True).equal
 
 
 class Direct(nn.Module):
