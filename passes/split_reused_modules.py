@@ -18,8 +18,10 @@ The first call site keeps the original name; later ones get ``<name>_1``, ``<nam
 for a module registered under several names, those names in order). A clone shares the
 original's Parameter and buffer objects (``copy.deepcopy`` with those objects memoised), so
 weight tying, gradients, buffer updates and memory are unchanged, and the clones' keys are
-hidden from ``state_dict()``. Modules that re-use their own submodules by design (a modular
-LSTM's per-time-step cell) are one call site in the graph: nothing to split.
+hidden from ``state_dict()``. In a graph of both training modes (a ``forward`` that branches
+on ``self.training``), two call sites that run in different modes are not a re-use: they
+share the module. Modules that re-use their own submodules by design (a modular LSTM's
+per-time-step cell) are one call site in the graph: nothing to split.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from qprep.core import meta
 from qprep.core._compat import rename_like_fx
 from qprep.core.aliases import hide_aliases
 from qprep.core.config import PrepareConfig
+from qprep.core.dual import modes_of
 from qprep.core.graph import ModuleNamer, retarget_scope, type_name
 from qprep.core.provenance import record_change, stamp
 from qprep.core.records import REWRITTEN, PassResult
@@ -71,12 +74,23 @@ def split_reused_modules(gm: torch.fx.GraphModule, config: PrepareConfig) -> Pas
     for target, nodes in sites.items():
         module = gm.get_submodule(target)
         spare = [n for n in registered.get(target, []) if not namer.exists(n)]
+        # (name, module, modes it is called in): a module is called once per mode at most
+        instances = [(target, module, set(modes_of(nodes[0])))]
         for k, node in enumerate(nodes[1:], start=2):
+            free = next((i for i in instances if not i[2] & set(modes_of(node))), None)
+            if free is not None:  # a call site of the other training mode: no clash
+                free[2].update(modes_of(node))
+                if free[0] != target:
+                    node.target = free[0]
+                    retarget_scope(node, free[0], free[1], replace_last=True)
+                    rename_like_fx(node)
+                continue
             own_name = bool(spare)  # a name the user registered the module under: its keys stay
             name = spare.pop(0) if spare else namer.name(*_split(target))
             namer.take(name)
             clone = clone_sharing_tensors(module)
             gm.add_submodule(name, clone)
+            instances.append((name, clone, set(modes_of(node))))
             node.target = name
             stamp(node, PASS_NAME, REWRITTEN, target)
             retarget_scope(node, name, clone, replace_last=True)

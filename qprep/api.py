@@ -11,7 +11,8 @@ from typing import Any
 import torch.fx
 import torch.nn as nn
 
-from .capture import capture
+from .capture import capture, split
+from .core.dual import DualGraphModule
 from .core import meta
 from .core.aliases import restore_missing_state
 from .core.config import PrepareConfig
@@ -95,6 +96,9 @@ def prepare(
     gm = captured.graph_module
     before = snapshot(gm)
     results = run_pipeline(gm, config)
+    if captured.dual:  # one graph per mode, sharing every module the passes made
+        gm.training = model.training
+        gm = DualGraphModule(gm, split(gm, "train"), split(gm, "eval"), gm._get_name())
     restore_missing_state(work, gm)
     gm.training = model.training
     preparation = Preparation(
@@ -105,10 +109,16 @@ def prepare(
         before=before,
         specialised=captured.fixed,
         changed={r.pass_name: r.changed for r in results},
+        guards=captured.guards,
     )
     meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
+    if captured.guards:
+        meta.set_graph_facts(gm, **{meta.GUARDS: captured.guards})
     if check and args is not None:
-        preparation = preparation.verified(verify(model, gm, args))
+        result = verify(model, gm, args)
+        if result.equal and captured.dual:  # the other mode's graph too
+            result = verify(model, gm, args, train=not model.training)
+        preparation = preparation.verified(result)
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
         if not preparation.verification.equal:
             raise NotEquivalentError(

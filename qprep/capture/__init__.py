@@ -21,11 +21,12 @@ from ..core.guards import Guard
 from ..core.provenance import module_scope
 from ..core.records import Change, TraceNote
 from ..core.runtime import clone_tree, forked_rng, preserved_state
-from .analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode
+from .analysis import branch_note, has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, same_structure
+from .dual import split, union
 from .specialise import example_values, fixed_arguments, trace_specialised
 from .tracer import trace
 
-__all__ = ["Capture", "capture", "trace", "fixed_arguments"]
+__all__ = ["Capture", "capture", "trace", "fixed_arguments", "split"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Capture:
     fixed: dict
     notes: tuple[Change, ...]
     guards: tuple[Guard, ...] = ()
+    dual: bool = False  # one graph of both modes (qprep.capture.dual): split after the passes
 
 
 def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capture:
@@ -51,12 +53,20 @@ def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capt
         _check_inputs(model, args)
     notes: list[Change] = []
     leaf_types = tuple(t for t in config.leaf_modules if isinstance(t, type))
+    guards, dual = traced.guards, False
     if has_mode_sensitive_calls(gm) or may_depend_on_mode(model, leaf_types):
         examples = example_values(model, args) if args is not None else None
         with _flipped_modes(model):
-            flipped, _ = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples)
-        notes += mark_training_dependence(gm, flipped, "train" if model.training else "eval", _scope_mode(model))
-    return Capture(gm, tuple(trace_notes), fixed, tuple(notes), traced.guards)
+            flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples)
+        mode = "train" if model.training else "eval"
+        if same_structure(gm, flipped[0]):
+            notes += mark_training_dependence(gm, flipped[0], mode, _scope_mode(model))
+        else:  # forward branches on self.training: one graph per mode, over the same modules
+            train_gm, eval_gm = (gm, flipped[0]) if model.training else (flipped[0], gm)
+            gm, dual = union(train_gm, eval_gm), True
+            guards = guards + tuple(g for g in flipped.guards if g not in guards)
+            notes.append(branch_note(gm))
+    return Capture(gm, tuple(trace_notes), fixed, tuple(notes), guards, dual)
 
 
 class _flipped_modes:

@@ -23,7 +23,10 @@ from ..core.records import NOTE, Change
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN
 
-__all__ = ["mark_training_dependence", "may_depend_on_mode", "has_mode_sensitive_calls", "MODE_SENSITIVE"]
+__all__ = [
+    "mark_training_dependence", "may_depend_on_mode", "has_mode_sensitive_calls", "same_structure", "branch_note",
+    "MODE_SENSITIVE",
+]
 
 #: Functionals that take a ``training`` flag: their presence alone asks for the second trace.
 MODE_SENSITIVE: frozenset = frozenset({
@@ -92,6 +95,19 @@ def _signature(gm: torch.fx.GraphModule) -> list:
     return [(n.op, n.target if n.op != "get_attr" else "attr") for n in gm.graph.nodes]
 
 
+def same_structure(gm: torch.fx.GraphModule, flipped: torch.fx.GraphModule) -> bool:
+    """Whether two traces (of the two modes) make the same calls in the same order."""
+    return _signature(gm) == _signature(flipped)
+
+
+def branch_note(gm: torch.fx.GraphModule) -> Change:
+    """The note that a ``forward`` branches on ``self.training``."""
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    reason = ("forward branches on self.training: prepared as two graphs, one traced in train mode and one in "
+              "eval mode, over the same modules; .train() and .eval() switch between them")
+    return record_change(first, "trace", NOTE, "self.training", "self.training", reason=reason)
+
+
 def mark_training_dependence(
     gm: torch.fx.GraphModule, flipped: torch.fx.GraphModule, mode: str,
     scope_training: Callable[[torch.fx.Node], bool],
@@ -103,15 +119,10 @@ def mark_training_dependence(
     and ``["mode_arg"]`` (the position or keyword), whichever function it is
     (``F.dropout``, ``torchvision.ops.stochastic_depth``, a user function). Flags that flip
     otherwise (two of them, ``not self.training``, into a module call) get a note: the
-    prepared graph keeps their traced values. When the graphs differ in structure
-    (``forward`` branches on ``self.training``), returns a note: the prepared graph
-    reproduces ``mode``.
+    prepared graph keeps their traced values. The graphs must have the same structure
+    (:func:`same_structure`); a ``forward`` that branches on ``self.training`` is prepared
+    as two graphs instead (:mod:`qprep.capture.dual`).
     """
-    if _signature(gm) != _signature(flipped):
-        first = next((n for n in gm.graph.nodes if n.op not in ("placeholder",)), None)
-        note = (f"forward branches on self.training: the graph was traced in {mode} mode and "
-                f"the prepared model reproduces {mode} mode only")
-        return [record_change(first, "trace", NOTE, "self.training", "self.training", reason=note)] if first else []
     notes = []
     for node, twin in zip(gm.graph.nodes, flipped.graph.nodes):
         flips = _flips(node, twin)

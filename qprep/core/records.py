@@ -99,6 +99,7 @@ class Preparation:
         specialised: forward arguments fixed at trace time -> their values.
         changed: pass name -> whether it changed the graph.
         verification: the :class:`qprep.verify.VerifyResult`, or ``None`` when not verified.
+        guards: the :class:`qprep.core.guards.Guard` records: what tracing specialised.
     """
 
     config: Any
@@ -109,6 +110,7 @@ class Preparation:
     specialised: dict = dataclasses.field(default_factory=dict)
     changed: dict = dataclasses.field(default_factory=dict)
     verification: Any = None
+    guards: tuple = ()
 
     def verified(self, result: Any) -> Preparation:
         """A copy of this record with ``verification`` set to ``result``."""

@@ -179,12 +179,18 @@ def render(report: Report) -> str:
         + _html_table(*tables["left_alone"], loc_col=2, code_cols=(0, 1), row_attrs=skipped_attrs) + "</section>",
         f'<section id="notes"><h2>Notes ({len(tables["notes"][1])})</h2>'
         + _html_table(*tables["notes"], loc_col=1, code_cols=(0,)) + "</section>",
+        f'<section id="guards"><h2>Guards ({len(tables["guards"][1])})</h2>'
+        '<p class="muted">Specialised to the example inputs; checked when the prepared model runs, which '
+        'raises qprep.GuardError on a call they do not cover.</p>'
+        + _html_table(*tables["guards"], loc_col=1, code_cols=(0,)) + "</section>",
         '<section id="summary"><h2>Summary</h2>' + _html_table(*tables["passes"])
         + f'<p>Modules: {summary["modules"]["before"]} → {summary["modules"]["after"]}. '
           f'Parameters: {p["before"]} → {p["after"]} ({params}).</p>{specialised}</section>',
         f'<section id="verification"><h2>Verification</h2>{verify_html}</section>',
         f'<section id="code-diff"><h2>Generated <code>forward</code>: before → after</h2>'
         + _html_diff(report.code_diff()) + "</section>",
+        *(f'<section id="mode-{_e(mode)}"><h2>{_e(mode.capitalize())}-mode <code>forward</code></h2>'
+          f'<pre class="diff">{_e(code)}</pre></section>' for mode, code in report.after.get("modes", {}).items()),
     ]
     stats = (f'<b>{len(report.rewrites)}</b> rewritten · <b>{len(report.left_alone)}</b> left alone · '
              f'<b>{len(report.notes)}</b> notes · modules <b>{summary["modules"]["before"]} → {summary["modules"]["after"]}</b>'

@@ -69,6 +69,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..core import meta
+from ..core.dual import MODES, DualGraphModule
 from ..core.errors import InputError
 from ..core.graph import target_text, type_name
 from ..core.provenance import module_scope, source_location, source_uri, split_location  # noqa: F401  (re-exported)
@@ -100,7 +101,10 @@ def snapshot(gm: torch.fx.GraphModule) -> dict:
         })
     modules = sum(1 for _ in gm.modules())
     params = sum(p.numel() for p in gm.parameters())
-    return {"code": gm.code, "nodes": nodes, "modules": modules, "parameters": params}
+    snap = {"code": gm.code, "nodes": nodes, "modules": modules, "parameters": params}
+    if isinstance(gm, DualGraphModule):  # a forward that branches on self.training: both graphs
+        snap["modes"] = {mode: gm.graph_of(mode).python_code("self").src for mode in MODES}
+    return snap
 
 
 def preparation_of(module: Any) -> Preparation | None:
@@ -213,6 +217,11 @@ class Report:
         return before, after
 
     @property
+    def guards(self) -> tuple:
+        """What tracing specialised to the example inputs (checked when the model runs)."""
+        return tuple(self.preparation.guards)
+
+    @property
     def parameters_unchanged(self) -> bool:
         return self.before["parameters"] == self.after["parameters"]
 
@@ -264,7 +273,10 @@ class Report:
 
         def graph(snap: dict, status: dict) -> dict:
             nodes = [{**n, "status": status.get(n["name"])} for n in snap["nodes"]]
-            return {"code": snap["code"], "modules": snap["modules"], "parameters": snap["parameters"], "nodes": nodes}
+            out = {"code": snap["code"], "modules": snap["modules"], "parameters": snap["parameters"], "nodes": nodes}
+            if "modes" in snap:
+                out["modes"] = snap["modes"]
+            return out
 
         def records(changes) -> list:
             return [{**c.as_dict(), "after_node": self.after_node(c),
@@ -285,6 +297,7 @@ class Report:
             "summary": self.summary(),
             "verification": v.as_dict() if v is not None else None,
             "graph": {"before": graph(self.before, status_before), "after": graph(self.after, status_after)},
+            "guards": [g.as_dict() for g in self.guards],
             "code_diff": self.code_diff(),
         })
 
@@ -320,6 +333,9 @@ class Report:
             "rewrites": (rewrite_headers, [r if with_reason else r[:-1] for r in rewrites]),
             "left_alone": (["code", "op", "location", "pass", "why"], skipped),
             "notes": (["about", "location", "from", "note"], notes),
+            "guards": (["guard", "location", "checked"], [
+                (g.text(), g.location or "?", "at the top of forward" if g.inputs_only else "where computed")
+                for g in self.guards]),
             "passes": (["pass", "rewritten", "left alone", "notes", "changed graph"], passes),
             "counts": (["", "before", "after", ""], counts),
         }

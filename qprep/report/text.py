@@ -24,6 +24,11 @@ def render_text(report: Report) -> str:
         out.append(f"{title} ({len(rows)})")
         out.append(tabulate(rows, headers=headers) if rows else "  (none)")
         out.append("")
+    headers, rows = tables["guards"]
+    if rows:
+        out.append(f"Guards ({len(rows)}): specialised to the example inputs, checked when the model runs")
+        out.append(tabulate(rows, headers=headers))
+        out.append("")
     out.append("Summary")
     out.append(tabulate(tables["passes"][1], headers=tables["passes"][0]))
     out.append("")
@@ -45,10 +50,17 @@ def render_markdown(report: Report) -> str:
         out.append("")
         out.append(md_table(headers, rows, code_cols={0, 1, 4} if key != "notes" else {0}) if rows else "_none_")
         out.append("")
+    if tables["guards"][1]:
+        out += [f"### Guards ({len(tables['guards'][1])})", "",
+                "Specialised to the example inputs, checked when the model runs.", "",
+                md_table(*tables["guards"], code_cols={0}), ""]
     out += ["### Summary", "", md_table(*tables["passes"]), "", md_table(*tables["counts"]), ""]
     out.extend(f"Specialised at trace time: `{k}={v}`" for k, v in report.summary()["specialised"].items())
     out += ["<details><summary>Generated <code>forward</code>, before → after</summary>", "",
             "```diff", report.code_diff(), "```", "", "</details>", ""]
+    for mode, code in report.after.get("modes", {}).items():  # a forward that branches on self.training
+        out += [f"<details><summary>{mode.capitalize()}-mode <code>forward</code></summary>", "",
+                "```python", code.strip("\n"), "```", "", "</details>", ""]
     return "\n".join(out)
 
 

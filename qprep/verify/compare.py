@@ -240,8 +240,7 @@ def verify_outputs(
     if not isinstance(original, nn.Module) or not isinstance(prepared, nn.Module):
         raise InputError("verify() compares two nn.Module instances")
     args = as_positional(inputs, original)
-    modes = (original.training, prepared.training)
-    try:
+    with _modes_kept(original, prepared):
         if train is not None:
             original.train(train)
             prepared.train(train)
@@ -250,11 +249,23 @@ def verify_outputs(
         result = VerifyResult(all(c.equal for c in checks + grads), checks, mode, grads=grads)
         if not result.equal:
             result = _against_native(original, prepared, args, seed, grad, result)
-    finally:
-        if train is not None:
-            original.train(modes[0])
-            prepared.train(modes[1])
     return result
+
+
+@contextlib.contextmanager
+def _modes_kept(*models: nn.Module) -> Iterator[None]:
+    """Every module's own ``training`` flag restored on exit (``.train(mode)`` sets them all
+    alike; a model may hold a frozen BatchNorm in eval mode inside a training model)."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    roots = [(model, model.training) for model in models]
+    try:
+        yield
+    finally:
+        for model, flag in roots:
+            if model.training != flag:
+                model.train(flag)  # a DualGraphModule switches its graph back
+        for m, flag in flags:
+            m.training = flag
 
 
 def _against_native(original, prepared, args, seed, grad, result: VerifyResult) -> VerifyResult:
