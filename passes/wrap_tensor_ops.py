@@ -129,8 +129,8 @@ def _why_not(node: torch.fx.Node, cls: type | None, config: PrepareConfig, tenso
         return "" if _computes_tensor(node, tensors) else REASON_SHAPE
     if is_functional(node):
         return REASON_FUNCTIONAL
-    if _data_movement(node):
-        return REASON_DATA_MOVEMENT
+    if _data_movement(node) or (node.op == "call_function" and isinstance(node.target, type)):
+        return REASON_DATA_MOVEMENT  # a class called: builds an output container (a namedtuple, a ModelOutput)
     if not produces_tensor(node, tensors):
         return REASON_SHAPE
     if node.op == "call_method" and not (isinstance(node.args[0], torch.fx.Node)

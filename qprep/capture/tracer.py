@@ -183,6 +183,7 @@ class QprepTracer(torch.fx.Tracer):
         self._thread = threading.get_ident()
         self._evaluating = 0
         self._patcher = None
+        self._tensor_names: dict[int, str] | None = None
 
     # -- who is tracing ----------------------------------------------------------------
     def recording(self) -> bool:
@@ -293,9 +294,20 @@ class QprepTracer(torch.fx.Tracer):
         return self.create_proxy("call_function", builtins.getattr, (proxy, name), {})
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
-        if not self.recording():
+        """A parameter or buffer read in a traced ``forward`` is a ``get_attr`` node (one per
+        tensor); names are looked up in a table made once (fx scans every parameter per read)."""
+        if not self.recording() or not isinstance(attr_val, torch.Tensor):
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if self._tensor_names is None:
+            self._tensor_names = {}
+            for name, t in (*self.root.named_buffers(), *self.root.named_parameters()):
+                self._tensor_names[id(t)] = name  # a parameter's own name wins over a buffer alias
+        name = self._tensor_names.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     # -- where Python needs a concrete value ------------------------------------------
     def concrete(self, proxy: torch.fx.Proxy, how: str) -> Any:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -65,6 +66,14 @@ SHAPE_PRESERVING = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
 )
+
+#: Functionals whose output has the shape, dtype and device of their first argument: their
+#: meta kernels (batch norm's decomposition above all) cost far more than the answer.
+SHAPE_PRESERVING_FUNCTIONS = frozenset({
+    F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, F.relu, F.gelu, F.silu, F.hardswish,
+    F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.mish, F.dropout, F.softmax, F.log_softmax,
+    torch.relu, torch.sigmoid, torch.tanh, torch.softmax, torch.log_softmax,
+})
 
 # Keyword and positional device arguments are evaluated on the meta device.
 _META = torch.device("meta")
@@ -186,6 +195,9 @@ class Values:
         return found[0] if found else None
 
     def _call_function(self, target: Callable, args: tuple, kwargs: dict) -> Any:
+        if _in(SHAPE_PRESERVING_FUNCTIONS, target) and args and isinstance(args[0], torch.Tensor) \
+                and not kwargs.get("inplace") and kwargs.get("dtype") is None:
+            return self._like(self.to_meta(args[0]), self.to_meta(args[1:]), self.to_meta(kwargs))
         device = _requested_device(kwargs)
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
         if device is not None and "device" not in kwargs:
@@ -235,12 +247,18 @@ class Values:
         module = self.root.get_submodule(target)
         args, kwargs = self.to_meta(args), self.to_meta(kwargs)
         device = self._inputs_device(args, kwargs)
-        if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-            grads = torch.is_grad_enabled() and (
-                args[0].requires_grad or any(p.requires_grad for p in module.parameters(recurse=False)))
-            out = torch.empty_like(args[0])
-            return self._outputs(out.requires_grad_().clone() if grads else out, device)  # not a leaf, as eager
+        if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
+                and not getattr(module, "inplace", False):
+            return self._like(args[0], tuple(module.parameters(recurse=False)), {})
         return self._outputs(ORIGINAL_MODULE_CALL(self._twin(module), *args, **kwargs), device)
+
+    def _like(self, first: torch.Tensor, others: Any, kwargs: dict) -> torch.Tensor:
+        """A new meta tensor shaped like ``first``, requiring grad when an input does (and,
+        as in eager mode, not a leaf then)."""
+        grads = torch.is_grad_enabled() and tree_any(
+            (first, others, kwargs), lambda v: isinstance(v, torch.Tensor) and v.requires_grad)
+        out = torch.empty_like(first)
+        return self._outputs(out.requires_grad_().clone() if grads else out, self.device(first))
 
     def _twin(self, module: nn.Module) -> nn.Module:
         """``module`` with every parameter and buffer a meta tensor, hooks removed (a
@@ -315,6 +333,13 @@ def _required(node: torch.fx.Node) -> Any:
     if value is UNKNOWN:
         raise _NoValue
     return value
+
+
+def _in(collection, target) -> bool:
+    try:
+        return target in collection
+    except TypeError:  # an unhashable target
+        return False
 
 
 def _requested_device(kwargs: dict) -> torch.device | None:

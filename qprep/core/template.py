@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch.fx
-from torch.fx.node import map_aggregate
 
 __all__ = ["Input", "has_slot", "fill", "call_template", "tree_any"]
 
@@ -56,8 +55,21 @@ def has_slot(value: Any) -> bool:
 
 
 def fill(value: Any, inputs: tuple) -> Any:
-    """``value`` with every :class:`Input` slot replaced by its input."""
-    return map_aggregate(value, lambda v: inputs[v.index] if isinstance(v, Input) else v)
+    """``value`` with every :class:`Input` slot replaced by its input; lists and dicts come
+    back as plain ``list`` and ``dict`` (a template's are fx's immutable ones), as the user's
+    call made them."""
+    if isinstance(value, Input):
+        return inputs[value.index]
+    if isinstance(value, tuple):
+        filled = [fill(v, inputs) for v in value]
+        return type(value)(*filled) if hasattr(value, "_fields") else tuple(filled)
+    if isinstance(value, list):
+        return [fill(v, inputs) for v in value]
+    if isinstance(value, dict):
+        return {k: fill(v, inputs) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(fill(value.start, inputs), fill(value.stop, inputs), fill(value.step, inputs))
+    return value
 
 
 def call_template(node: torch.fx.Node) -> tuple[tuple, dict, list[torch.fx.Node]]:

@@ -1,0 +1,326 @@
+"""Value-aware tracing (issue 8): each pattern that needs a concrete value prepares, is
+bitwise equal on the example and on other inputs, and refuses (GuardError naming the guard)
+the inputs its specialisation does not cover."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_packed_sequence
+
+import qprep
+from qprep.core import meta
+from qprep.core.dual import DualGraphModule
+from qprep.core.errors import GuardError
+
+
+def guards(gm):
+    return [g.text() for g in meta.graph_fact(gm, meta.GUARDS) or ()]
+
+
+def equal(model, gm, *inputs, **kw):
+    result = qprep.verify(model, gm, inputs, **kw)
+    return result.equal
+
+
+class CellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(4, 6)
+
+    def forward(self, x):
+        h = torch.zeros(x.size(1), 6)
+        outs = []
+        for i in range(x.shape[0]):
+            h = self.cell(x[i], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def test_time_loop_over_a_traced_length_is_unrolled_and_guarded():
+    model = CellLoop()
+    gm = qprep.prepare(model, (torch.randn(5, 2, 4),))
+    assert guards(gm) == ["x.shape[0] == 5"]
+    assert equal(model, gm, torch.randn(5, 3, 4))  # another batch: the loop length is the same
+    with pytest.raises(GuardError, match=r"x.shape\[0\]` gave 7, the model was prepared for 5"):
+        gm(torch.randn(7, 2, 4))
+
+
+class Flatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_sizes_stay_symbolic_and_a_rank_check_is_a_guard_at_the_top():
+    model = Flatten()
+    gm = qprep.prepare(model, (torch.randn(2, 3, 4),))
+    assert guards(gm) == ["x.dim() == 2 is False"]
+    assert equal(model, gm, torch.randn(5, 3, 4))  # batch 2 -> 5: x.size(0) is not fixed
+    first_calls = [n for n in gm.graph.nodes if n.op != "placeholder"][:3]
+    assert [n.target for n in first_calls][-1] is qprep.core.guards.check_guard  # checked first
+    with pytest.raises(GuardError, match=r"`x.dim\(\) == 2` gave True"):
+        gm(torch.randn(3, 4))
+
+
+class AttentionLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        att = (q @ k.transpose(-1, -2)) / (d ** 0.5)
+        mask = torch.ones(t, t).tril() == 0
+        return att.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+def test_sequence_length_and_batch_are_free():
+    model = AttentionLike()
+    gm = qprep.prepare(model, (torch.randn(2, 16, 8),))
+    assert equal(model, gm, torch.randn(5, 24, 8))
+    assert "torch.ones(getitem_1, getitem_1)" in gm.code  # the factory takes the traced size
+
+
+def test_iteration_varargs_kwargs_and_containers():
+    class CatIter(nn.Module):
+        def forward(self, x):
+            return torch.cat(tuple(v for v in x), dim=1)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Bilinear(3, 3, 2)
+
+        def forward(self, *args, **kwargs):
+            return self.layer(*args, **kwargs)
+
+    class DictIn(nn.Module):
+        def forward(self, x):
+            return x["a"] + sum(x["z"])
+
+    cat = CatIter()
+    gm = qprep.prepare(cat, (torch.randn(3, 2, 4),))
+    assert equal(cat, gm, torch.randn(3, 5, 4)) and guards(gm) == ["len(x) == 3"]
+    with pytest.raises(GuardError, match=r"len\(x\)` gave 4"):
+        gm(torch.randn(4, 2, 4))
+    wrapper = Wrapper()
+    gm = qprep.prepare(wrapper, (torch.randn(2, 3), torch.randn(2, 3)))
+    assert equal(wrapper, gm, torch.randn(5, 3), torch.randn(5, 3))
+    dict_in = DictIn()
+    example = {"a": torch.randn(3), "z": [torch.randn(3), torch.randn(3)]}
+    gm = qprep.prepare(dict_in, (example,))
+    assert equal(dict_in, gm, {"a": torch.randn(3), "z": [torch.randn(3), torch.randn(3)]})
+    with pytest.raises(GuardError, match=r"len\(x\['z'\]\)"):
+        gm({"a": torch.randn(3), "z": [torch.randn(3)] * 3})
+
+
+class SetItems(nn.Module):
+    def forward(self, x, mask):
+        y = x * 2
+        alias = y
+        y[:, 0] = 0.0
+        y[mask] = 7.0
+        return alias + 1
+
+
+def test_setitem_is_an_in_place_module_and_aliases_see_it():
+    model = SetItems()
+    gm = qprep.prepare(model, (torch.randn(3, 4), torch.randn(3, 4) > 0))
+    setitems = [m for m in gm.modules() if isinstance(m, qprep.modules.SetItem)]
+    assert len(setitems) == 2 and all(m.inplace for m in setitems)
+    assert equal(model, gm, torch.randn(5, 4), torch.randn(5, 4) > 0)
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, tokens, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(tokens), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.size(1))
+        return self.out(out)
+
+
+def test_packed_sequences_in_forward_with_unsorted_lengths():
+    model = Tagger().eval()
+    gm = qprep.prepare(model, (torch.randint(0, 10, (3, 6)), torch.tensor([6, 2, 4])))
+    assert isinstance(gm.lstm, qprep.modules.ModularLSTM)
+    assert equal(model, gm, torch.randint(0, 10, (3, 6)), torch.tensor([3, 6, 1]), grad=True)
+
+
+class TrainBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if self.training:
+            y = self.drop(y) + 1
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("start", ["eval", "train"])
+def test_training_branch_gives_two_graphs_over_the_same_modules(start):
+    model = TrainBranch().train(start == "train")
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert isinstance(gm, DualGraphModule) and gm.training == model.training
+    assert list(gm.state_dict()) == list(model.state_dict())
+    x = torch.randn(3, 4)
+    assert equal(model, gm, x, train=True) and equal(model, gm, x, train=False)
+    gm.train()
+    assert gm.graph is gm.train_graph and "self.add" in gm.code
+    gm.eval()
+    assert gm.graph is gm.eval_graph and "self.add" not in gm.code
+    train_modules = {n.target for n in gm.train_graph.nodes if n.op == "call_module"}
+    eval_modules = {n.target for n in gm.eval_graph.nodes if n.op == "call_module"}
+    assert {"fc", "fc_1"} <= train_modules & eval_modules  # the same instances in both graphs
+    report = qprep.diff(model, gm)
+    assert set(report.after["modes"]) == {"train", "eval"}
+    assert any("branches on self.training" in c.reason for c in report.notes)
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    aux: torch.Tensor
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def test_output_containers_keep_their_type():
+    class DataOut(nn.Module):
+        def forward(self, x):
+            return Out(x * 2, x + 1)
+
+    class TupleOut(nn.Module):
+        def forward(self, x):
+            return Pair(x * 2, [x + 1, {"k": x - 1}])
+
+    for model in (DataOut(), TupleOut()):
+        gm = qprep.prepare(model, (torch.randn(2),))
+        out = gm(torch.randn(3))
+        assert type(out) is type(model(torch.randn(3)))
+        assert equal(model, gm, torch.randn(3))
+
+
+def test_verify_compares_container_types():
+    class AsDict(nn.Module):
+        def forward(self, x):
+            return {"a": x, "b": x}
+
+    class AsPair(nn.Module):
+        def forward(self, x):
+            return Pair(x, x)
+
+    result = qprep.verify(AsPair(), AsDict(), torch.randn(2), replay=False)
+    assert not result.equal and "type differs" in result.outputs[0].note
+
+
+def test_branch_on_tensor_data_is_refused_with_the_line():
+    class Data(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x * 2
+            return x
+
+    with pytest.raises(qprep.TraceError, match=r"test_value_tracing.py:\d+.*x.sum\(\) > 0.*data-dependent"):
+        qprep.prepare(Data(), (torch.randn(3),))
+
+
+def test_random_numbers_drawn_in_forward_are_drawn_at_run_time():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x + torch.rand(3, 4)
+
+    model = Noisy().eval()
+    gm = qprep.prepare(model, (torch.randn(3, 4),))  # verified: both runs draw from the same seed
+    assert "torch.rand(3, 4)" in gm.code
+    assert not torch.equal(gm(torch.zeros(3, 4)), gm(torch.zeros(3, 4)))
+
+
+def test_constant_updated_in_place_is_fresh_each_call():
+    class Accumulate(nn.Module):
+        def forward(self, x):
+            z = torch.zeros(3)
+            z += x
+            return z
+
+    model = Accumulate()
+    gm = qprep.prepare(model, (torch.ones(3),))
+    gm(torch.ones(3))
+    assert torch.equal(gm(torch.ones(3)), torch.ones(3))
+    assert list(gm.state_dict()) == []
+
+
+def test_example_values_are_meta_tensors_and_tensor_meta():
+    model = Flatten()
+    gm = qprep.prepare(model, (torch.randn(2, 3, 4),))
+    fc = next(n for n in gm.graph.nodes if n.target == "fc")
+    assert fc.meta["val"].is_meta and tuple(fc.meta["val"].shape) == (2, 3)
+    assert fc.meta["tensor_meta"].shape == torch.Size([2, 3]) and fc.meta["tensor_meta"].requires_grad
+
+
+def test_concrete_args_keep_other_defaults_fixed():
+    class TwoDefaults(nn.Module):
+        def forward(self, x, mask=None, scale=None):
+            if mask is not None:
+                x = x * mask
+            return x * 2 if scale is None else x * scale
+
+    gm = qprep.prepare(TwoDefaults(), (torch.randn(3),), concrete_args={"mask": None})
+    prep = meta.graph_fact(gm, meta.PREPARATION)
+    assert prep.specialised == {"mask": None, "scale": None}
+
+
+def test_tracing_does_not_disturb_other_threads():
+    class Busy(nn.Module):
+        def forward(self, x):
+            return x + torch.ones(len(x))
+
+    seen, stop = [], threading.Event()
+
+    def other():
+        while not stop.is_set():
+            y = torch.randn(4)
+            seen.append(bool(torch.equal(Busy()(y), y + torch.ones(len(y)))) and type(torch.ones(2)) is torch.Tensor)
+
+    results = {}
+
+    def prepare(name, model, x):
+        gm = qprep.prepare(model, (x,))
+        results[name] = qprep.verify(model, gm, x).equal
+
+    runner = threading.Thread(target=other)
+    runner.start()
+    try:
+        workers = [threading.Thread(target=prepare, args=("attention", AttentionLike(), torch.randn(2, 16, 8))),
+                   threading.Thread(target=prepare, args=("flatten", Flatten(), torch.randn(2, 3, 4)))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        stop.set()
+        runner.join()
+    assert results == {"attention": True, "flatten": True}
+    assert seen and all(seen)
