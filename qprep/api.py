@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from typing import Any
 
+import torch
 import torch.fx
 import torch.nn as nn
 
@@ -16,9 +18,10 @@ from .core.dual import DualGraphModule
 from .core import meta
 from .core.aliases import restore_missing_state
 from .core.config import PrepareConfig
-from .core.errors import InputError, NotEquivalentError
+from .core.errors import InputError, NotEquivalentError, QprepError, TraceError
 from .core.inputs import as_positional
-from .core.records import Preparation
+from .core.records import Preparation, TraceNote
+from .core.runtime import clone_tree, forked_rng, preserved_state
 from .passes import run_pipeline
 from .report import Report, preparation_of, snapshot
 from .verify import VerifyResult, verify_outputs
@@ -92,7 +95,12 @@ def prepare(
     config = _config(config, options)
     args = None if example_inputs is None else as_positional(example_inputs, model)
     work = _working_copy(model, inplace)
-    captured = capture(work, config, args)
+    try:
+        captured = capture(work, config, args)
+    except TraceError as exc:
+        if config.on_untraceable != "leaf" or exc.module or args is None:
+            raise
+        return _prepare_inside(model, work, config, args, exc, check=check, report=report)
     gm = captured.graph_module
     before = snapshot(gm)
     results = run_pipeline(gm, config)
@@ -129,6 +137,109 @@ def prepare(
     if report:
         Report.of(gm, type(model).__name__).write(report)
     return gm
+
+
+#: The name the model whose own forward cannot be traced has inside its prepared module.
+OPAQUE_ROOT = "model"
+
+
+def _prepare_inside(model: nn.Module, work: nn.Module, config: PrepareConfig, args: tuple, failure: TraceError,
+                    *, check: bool, report: str | None) -> torch.fx.GraphModule:
+    """``on_untraceable="leaf"`` when the model's own ``forward`` cannot be traced: that
+    forward is the smallest untraceable scope, so it stays opaque, and each submodule it
+    calls is prepared on its own, with the inputs it gets on the example (recorded in one
+    run), and put back in its place. The result calls the opaque model; its ``state_dict``
+    keys are the model's own."""
+    inputs = _child_inputs(work, args)
+    notes: list[TraceNote] = []
+    prepared_names: list[str] = []
+    for name, calls in inputs.items():
+        child = getattr(work, name)
+        if len(calls) > 1 and len({_signature(c) for c in calls}) > 1:
+            notes.append(TraceNote(name, type(child).__name__, "not prepared: called with inputs of different shapes"))
+            continue
+        call_args, call_kwargs = calls[0]
+        if call_kwargs:
+            notes.append(TraceNote(name, type(child).__name__, "not prepared: called with keyword arguments"))
+            continue
+        try:
+            prepared = prepare(child, call_args, config=config, inplace=True, check=False)
+        except QprepError as exc:
+            notes.append(TraceNote(name, type(child).__name__, f"not prepared: {exc}"))
+            continue
+        setattr(work, name, prepared)
+        prepared_names.append(name)
+    why = str(failure).splitlines()[0]
+    notes.insert(0, TraceNote("", type(work).__name__, f"its own forward stays opaque ({why}); the submodules it "
+                              f"calls were prepared on their own: {', '.join(prepared_names) or 'none'}",
+                              failure.location))
+    gm = _opaque_module(work, type(model).__name__)
+    preparation = Preparation(config=config, passes=(), changes=(), trace_notes=tuple(notes), before=snapshot(gm))
+    meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
+    if check:
+        result = verify(model, gm, args)
+        meta.set_graph_facts(gm, **{meta.PREPARATION: preparation.verified(result)})
+        if not result.equal:
+            raise NotEquivalentError("the prepared model is not bitwise equal to the original on example_inputs:\n"
+                                     + result.table(), result=result)
+    if report:
+        Report.of(gm, type(model).__name__).write(report)
+    return gm
+
+
+def _signature(call: tuple) -> tuple:
+    args, kwargs = call
+    return tuple((type(a), tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else (type(a),) for a in args)
+
+
+def _child_inputs(work: nn.Module, args: tuple) -> dict[str, list]:
+    """The arguments each direct submodule of ``work`` is called with on ``args``."""
+    calls: dict[str, list] = {}
+    handles = []
+    for name, child in work.named_children():
+        def record(module, call_args, call_kwargs, name=name):
+            calls.setdefault(name, []).append((clone_tree(call_args), clone_tree(call_kwargs)))
+        handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with preserved_state(work), forked_rng(), torch.no_grad():
+            work(*clone_tree(args))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _opaque_module(work: nn.Module, class_name: str) -> torch.fx.GraphModule:
+    """A GraphModule that calls ``work`` (as submodule :data:`OPAQUE_ROOT`) on its inputs, with
+    ``work``'s own ``state_dict`` keys."""
+    graph = torch.fx.Graph()
+    params = [p for p in inspect.signature(work.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    placeholders = [graph.placeholder(p.name, default_value=p.default) if p.default is not p.empty
+                    else graph.placeholder(p.name) for p in params]
+    graph.output(graph.call_module(OPAQUE_ROOT, tuple(placeholders)))
+    gm = torch.fx.GraphModule({OPAQUE_ROOT: work}, graph, class_name)
+    gm.training = work.training
+    prefix = f"{OPAQUE_ROOT}."
+    gm.register_state_dict_post_hook(_strip_prefix(prefix))
+    gm.register_load_state_dict_pre_hook(_add_prefix(prefix))
+    return gm
+
+
+def _strip_prefix(prefix: str):
+    def hook(module, state_dict, local_prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(local_prefix + prefix)]:
+            state_dict[local_prefix + key[len(local_prefix + prefix):]] = state_dict.pop(key)
+
+    return hook
+
+
+def _add_prefix(prefix: str):
+    def hook(module, state_dict, local_prefix, local_metadata, strict, missing, unexpected, errors):
+        for key in [k for k in state_dict if k.startswith(local_prefix) and not k.startswith(local_prefix + prefix)]:
+            state_dict[local_prefix + prefix + key[len(local_prefix):]] = state_dict.pop(key)
+
+    return hook
 
 
 def verify(

@@ -121,3 +121,24 @@ class FunctionalNet(nn.Module):
         x = F.dropout(x, 0.3, training=self.training)
         x = F.linear(x, self.fc_w, self.fc_b)
         return F.layer_norm(x, (10,), self.ln_w, self.ln_b)
+
+
+def compute_ops_outside_modules(gm) -> list:
+    """The nodes of a prepared graph that compute a tensor outside any module call: every
+    call_function/call_method except data movement, guards and container constructors."""
+    from qprep.core.graph import member
+    from qprep.core.guards import is_guard
+    from qprep.passes.op_tables import DATA_MOVEMENT_FUNCTIONS, DATA_MOVEMENT_METHODS
+
+    found = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or is_guard(n):
+            continue
+        if n.op == "call_method" and n.target in DATA_MOVEMENT_METHODS:
+            continue
+        if n.op == "call_function" and (member(DATA_MOVEMENT_FUNCTIONS, n.target) or isinstance(n.target, type)):
+            continue
+        value = n.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            found.append(n)
+    return found

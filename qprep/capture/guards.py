@@ -67,36 +67,48 @@ class GuardRecorder:
 
 
 def describe(node: Any, depth: int = 0) -> str:
-    """The expression a metadata node computes, in terms of the inputs: ``x.size(-1) == 224``."""
+    """The expression a metadata node computes, in terms of the inputs: ``x.size(-1) == 224``
+    (deeper than a few steps, a node is shown by its name)."""
+    if isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
+        inner = ", ".join(describe(n, depth) for n in node)
+        return f"[{inner}]" if isinstance(node, list) else f"({inner}{',' if len(node) == 1 else ''})"
+    if isinstance(node, slice):
+        return _slice_text(node)
     if not isinstance(node, torch.fx.Node):
-        return repr(node) if not isinstance(node, (list, tuple)) else repr(type(node)(describe(n, depth) for n in node))
-    if depth > 6:
-        return node.name
+        return repr(node)
     if node.op == "placeholder":
         return node.target.lstrip("*")
     if node.op == "get_attr":
         return f"self.{node.target}"
+    if depth > 5:
+        return node.name
     args = node.args
-    if node.op == "call_method":
+    if node.op == "call_method" and args:
         rest = ", ".join(describe(a, depth + 1) for a in args[1:])
-        return f"{describe(args[0], depth + 1)}.{node.target}({rest})"
+        return f"{_operand(args[0], depth)}.{node.target}({rest})"
     if node.op == "call_function":
         if node.target is builtins.getattr:
-            return f"{describe(args[0], depth + 1)}.{args[1]}"
+            return f"{_operand(args[0], depth)}.{args[1]}"
         if node.target is operator.getitem:
-            index = args[1]
-            shown = _slice_text(index) if isinstance(index, slice) else describe(index, depth + 1)
-            return f"{describe(args[0], depth + 1)}[{shown}]"
+            return f"{_operand(args[0], depth)}[{describe(args[1], depth + 1).strip('()') or ':'}]"
         if node.target in _ARITHMETIC and len(args) == 2:
-            return f"{describe(args[0], depth + 1)} {_ARITHMETIC[node.target]} {describe(args[1], depth + 1)}"
+            return f"{_operand(args[0], depth)} {_ARITHMETIC[node.target]} {_operand(args[1], depth)}"
         name = getattr(node.target, "__name__", str(node.target))
         return f"{name}({', '.join(describe(a, depth + 1) for a in args)})"
     return node.name
 
 
+def _operand(node: Any, depth: int) -> str:
+    """An operand, in parentheses when it is itself an operation: ``(a - 1) * 2``."""
+    text = describe(node, depth + 1)
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _ARITHMETIC:
+        return f"({text})"
+    return text
+
+
 def _slice_text(s: slice) -> str:
-    parts = ["" if v is None else describe(v) for v in (s.start, s.stop)]
-    return ":".join(parts) + (f":{describe(s.step)}" if s.step is not None else "")
+    parts = ["" if v is None else describe(v, 6) for v in (s.start, s.stop)]
+    return ":".join(parts) + (f":{describe(s.step, 6)}" if s.step is not None else "")
 
 
 def reads_metadata_only(node: torch.fx.Node) -> bool:

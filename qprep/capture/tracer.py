@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
-from ..core._compat import last_node, mha_fastpath, new_patcher
+from ..core._compat import last_node, mha_fastpath, new_patcher, wrapped_function_registry
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
 from ..core.guards import CONVERSIONS, Guard
@@ -210,7 +210,8 @@ class QprepTracer(torch.fx.Tracer):
             self._install_wrappers(patcher)
             self._shadow_len(getattr(type(root), "forward", None))
             try:
-                return super().trace(root, concrete_args)
+                with self._tracing_into_wrapped_functions(patcher):
+                    return super().trace(root, concrete_args)
             finally:
                 self._patcher = None
 
@@ -221,6 +222,51 @@ class QprepTracer(torch.fx.Tracer):
                 patcher.patch(torch.__dict__, name, self._recorded(fn, always=name in RANDOM_FACTORIES))
         for fn in PACKING:
             patcher.patch(rnn_utils.__dict__, fn.__name__, self._recorded(fn, always=False))
+
+    @contextlib.contextmanager
+    def _tracing_into_wrapped_functions(self, patcher) -> Iterator[None]:
+        """Functions registered with ``torch.fx.wrap`` (torchvision's
+        ``shifted_window_attention``, a user's helper) are traced into when the example's
+        values make them traceable, so their ops are prepared too; a function that still
+        cannot be traced is rolled back and recorded as one call (the passes keep it whole
+        in a ``Functional`` module). fx's own registry is set aside for this trace, so fx
+        does not record them as calls first."""
+        registry = wrapped_function_registry()
+        saved = dict(registry)
+        ours = {key: namespace for key, namespace in saved.items()
+                if namespace.get("__name__") != "torch.fx._symbolic_trace"}
+        for key in ours:
+            del registry[key]
+        try:
+            for (_, name), namespace in ours.items():
+                fn = namespace.get(name, getattr(builtins, name, None))
+                if callable(fn):
+                    patcher.patch(namespace, name, self._traced_into(fn))
+            yield
+        finally:
+            registry.clear()
+            registry.update(saved)
+
+    def _traced_into(self, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not (self.recording() and tree_any((args, kwargs), _is_proxy)):
+                return fn(*args, **kwargs)
+            mark, guards, stack = last_node(self.graph), self.guards.mark(), dict(self.module_stack)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001  (cannot be traced into: kept as one call)
+                self.module_stack.clear()
+                self.module_stack.update(stack)
+                if not self._rollback(mark, guards):
+                    raise
+                frame = _user_frame(exc.__traceback__)
+                self.notes.append(TraceNote(
+                    getattr(fn, "__qualname__", str(fn)), "function", f"kept whole: {_describe_failure(exc)}",
+                    location_text(frame.filename, frame.lineno) if frame else ""))
+                return self.create_proxy("call_function", fn, args, kwargs)
+
+        return wrapper
 
     def _recorded(self, fn, always: bool):
         """``fn`` recorded as a call node when the tracing thread calls it with a traced

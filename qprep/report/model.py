@@ -130,9 +130,11 @@ def submodules_of(gm: nn.Module, preparation: Preparation) -> dict:
 
 
 def trace_note_record(note) -> Change:
-    return Change(pass_name="trace", action=NOTE, node="", op=f"self.{note.module} ({note.module_type})",
+    about = f"self.{note.module}" if note.module else "forward"
+    reason = note.reason if not note.module else f"kept as an opaque leaf: {note.reason}"
+    return Change(pass_name="trace", action=NOTE, node="", op=f"{about} ({note.module_type})",
                   target=note.module_type, location=note.location, module_name=note.module,
-                  module_type=note.module_type, reason=f"kept as an opaque leaf: {note.reason}")
+                  module_type=note.module_type, reason=reason)
 
 
 @dataclasses.dataclass(frozen=True)

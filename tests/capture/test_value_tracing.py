@@ -18,6 +18,7 @@ import qprep
 from qprep.core import meta
 from qprep.core.dual import DualGraphModule
 from qprep.core.errors import GuardError
+from tests.models import compute_ops_outside_modules
 
 
 def guards(gm):
@@ -324,3 +325,49 @@ def test_tracing_does_not_disturb_other_threads():
         runner.join()
     assert results == {"attention": True, "flatten": True}
     assert seen and all(seen)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + x
+
+
+class DataBranchAtTheTop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Block(), Block()
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > 0:
+            y = self.b(y)
+        return y * self.scale
+
+
+def test_leaf_mode_with_an_untraceable_top_level_forward_prepares_the_submodules():
+    model = DataBranchAtTheTop()
+    gm = qprep.prepare(model, (torch.randn(3, 4),), on_untraceable="leaf")
+    assert isinstance(gm.model.a, torch.fx.GraphModule) and isinstance(gm.model.b, torch.fx.GraphModule)
+    assert "self.add(" in gm.model.a.code  # the submodule's own ops are modules
+    assert list(gm.state_dict()) == list(model.state_dict())
+    gm.load_state_dict(model.state_dict(), strict=True)
+    assert equal(model, gm, torch.randn(5, 4)) and equal(model, gm, -torch.ones(2, 4))
+    note = qprep.diff(model, gm).notes[0]
+    assert "stays opaque" in note.reason and "a, b" in note.reason
+    with pytest.raises(qprep.TraceError, match="data-dependent"):
+        qprep.prepare(model, (torch.randn(3, 4),))
+
+
+def test_fx_wrapped_function_is_traced_into_or_kept_whole():
+    model = __import__("torchvision").models.swin_t(num_classes=10).eval()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 64, 64),))
+    calls = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    import torchvision.models.swin_transformer as swin
+
+    assert swin.shifted_window_attention not in calls  # traced into: its matmuls and softmax are modules
+    assert compute_ops_outside_modules(gm) == []

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qprep
+from qprep.core.dual import DualGraphModule
 from qprep.passes.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS
 from qprep.core._compat import boolean_dispatch_parts
 from qprep.passes.functional_table import WITHOUT_MODULE
@@ -207,8 +208,9 @@ torch.fx.wrap("_stochastic")
 
 
 def test_any_function_with_training_from_self_training_follows_mode():
-    """A wrapped (leaf) function taking training=self.training, like torchvision's
-    stochastic_depth, keeps following .train()/.eval() after preparation."""
+    """A torch.fx.wrap function taking training=self.training, like torchvision's
+    stochastic_depth, is traced into (its ops become modules) in each mode, and the
+    prepared model keeps following .train()/.eval()."""
 
     class Net(nn.Module):
         def forward(self, x):
@@ -216,9 +218,10 @@ def test_any_function_with_training_from_self_training_follows_mode():
 
     model = Net().eval()
     gm = qprep.prepare(model, (torch.rand(4, 4),))
-    wrapper = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional)]
-    assert len(wrapper) == 1 and wrapper[0].mode_arg == "training"
-    assert "training=self.training" in repr(wrapper[0])
+    assert isinstance(gm, DualGraphModule)
+    train_calls = [n.target for n in gm.train_graph.nodes if n.op == "call_module"]
+    assert [n.target for n in gm.eval_graph.nodes if n.op == "call_module"] == ["mul"]
+    assert "mul" in train_calls and len(train_calls) > 3  # the random draw and its arithmetic, as modules
     x = torch.rand(4, 4)
     assert qprep.verify(model, gm, x, train=True).equal
     gm.train()
@@ -238,7 +241,9 @@ def test_dropout_with_positional_self_training_inside_fallback():
 
 
 def _positional_flag(x, p: float, training: bool):
-    return x * (1 - p) if training else x
+    if bool((x >= 0).all()):  # a branch on tensor data: cannot be traced into, kept as one call
+        return x * (1 - p) if training else x
+    return x
 
 
 torch.fx.wrap("_positional_flag")
