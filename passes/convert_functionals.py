@@ -56,7 +56,7 @@ def _training_follows(spec: Spec, node: torch.fx.Node) -> bool:
         return False
     where = meta.fact(node, meta.MODE_ARG)
     name = spec.params[where][0] if isinstance(where, int) and where < len(spec.params) else where
-    return name == "training"
+    return name in ("training", "train")  # torch.dropout's twin calls it train
 
 
 def _bind(spec: Spec, node: torch.fx.Node) -> dict:

@@ -216,10 +216,89 @@ def _dispatched(specs: dict) -> dict:
     return out
 
 
+def _twin(functional: Callable, params: tuple, rename: dict | None = None, fixed: dict | None = None) -> Spec:
+    """The spec of a ``torch.*`` twin of a functional whose arguments have other names or
+    order (``torch.batch_norm(input, weight, bias, running_mean, ...)``): bound by its own
+    ``params``, renamed to the functional's, and built as the functional's spec builds.
+    ``fixed``: arguments the twin has and the module always passes (``cudnn_enabled=True``),
+    with the values the conversion requires; ``rename`` values may be ``(name, convert)``."""
+    base = FUNCTIONAL_SPECS[functional]
+    rename, fixed = rename or {}, fixed or {}
+
+    def name_of(name):
+        target = rename.get(name, name)
+        return target[0] if isinstance(target, tuple) else target
+
+    def build(b, ctx):
+        for name, value in fixed.items():
+            if b.get(name) != value:
+                raise Unconvertible(f"{name}={b.get(name)!r}; the nn module always passes {value!r}")
+        bound = {}
+        for name, value in b.items():
+            if name in fixed:
+                continue
+            target = rename.get(name, name)
+            if isinstance(target, tuple):
+                target, convert = target
+                value = convert(value)
+            bound[target] = value
+        for name, default in base.params:
+            bound.setdefault(name, default)
+        return base.build(bound, ctx)
+
+    inverse = {name_of(n): n for n, _ in params}
+    return Spec(base.module, params, tuple(inverse.get(n, n) for n in base.inputs), build,
+                tuple(inverse.get(n, n) for n in base.parametric))
+
+
+def _no_stride(value):
+    return None if isinstance(value, (list, tuple)) and not value else value  # aten's [] is "the kernel size"
+
+
+_MAX_POOL_TWIN = dict(stride=[], padding=0, dilation=1, ceil_mode=False)
+
+#: ``torch.*`` functions that compute what a functional with a module computes, under other
+#: argument names or order: bound by their own signature (aten's), built as the functional.
+_TWINS: dict[Callable, tuple] = {
+    torch.selu: (F.selu, _p("self"), {"self": "input"}),
+    torch.celu: (F.celu, _p("self", "alpha", alpha=1.0), {"self": "input"}),
+    torch.max_pool1d: (F.max_pool1d, _p("self", "kernel_size", "stride", "padding", "dilation", "ceil_mode", **_MAX_POOL_TWIN),
+                       {"self": "input", "stride": ("stride", _no_stride)}),
+    torch.max_pool2d: (F.max_pool2d, _p("self", "kernel_size", "stride", "padding", "dilation", "ceil_mode", **_MAX_POOL_TWIN),
+                       {"self": "input", "stride": ("stride", _no_stride)}),
+    torch.max_pool3d: (F.max_pool3d, _p("self", "kernel_size", "stride", "padding", "dilation", "ceil_mode", **_MAX_POOL_TWIN),
+                       {"self": "input", "stride": ("stride", _no_stride)}),
+    torch.dropout: (F.dropout, _p("input", "p", "train"), {"train": "training"}),
+    torch.alpha_dropout: (F.alpha_dropout, _p("input", "p", "train"), {"train": "training"}),
+    torch.feature_alpha_dropout: (F.feature_alpha_dropout, _p("input", "p", "train"), {"train": "training"}),
+    torch.batch_norm: (F.batch_norm, _p("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+                                        "eps", "cudnn_enabled"), {}, {"cudnn_enabled": True}),
+    torch.instance_norm: (F.instance_norm, _p("input", "weight", "bias", "running_mean", "running_var", "use_input_stats",
+                                              "momentum", "eps", "cudnn_enabled"), {}, {"cudnn_enabled": True}),
+    torch.layer_norm: (F.layer_norm, _p("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable",
+                                        weight=None, bias=None, eps=1e-5, cudnn_enable=True), {}, {"cudnn_enable": True}),
+    torch.group_norm: (F.group_norm, _p("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled",
+                                        weight=None, bias=None, eps=1e-5, cudnn_enabled=True), {}, {"cudnn_enabled": True}),
+    torch.rms_norm: (F.rms_norm, _p("input", "normalized_shape", "weight", "eps", weight=None, eps=None), {}),
+    torch.embedding: (F.embedding, _p("weight", "indices", "padding_idx", "scale_grad_by_freq", "sparse",
+                                      padding_idx=-1, scale_grad_by_freq=False, sparse=False),
+                      {"indices": "input", "padding_idx": ("padding_idx", lambda i: None if i == -1 else i)}),
+}
+
+
 #: callable -> Spec, for ``torch.nn.functional`` functions and their ``torch.*`` twins.
 FUNCTIONAL_SPECS: dict[Callable, Spec] = {
     **_ACTIVATIONS, **_POOLING, **_dispatched(_POOLING), **_SHAPE, **_DROPOUT, **PARAMETRIC_SPECS,
 }
+FUNCTIONAL_SPECS.update({twin: _twin(*entry) for twin, entry in _TWINS.items()})
+
+
+#: ``torch.ops.aten`` overload packets (what code that calls aten directly records) that are
+#: the ``torch.*`` function of the same name, whose arguments aten names the same way.
+_ATEN = ("relu", "relu_", "sigmoid", "tanh", "softmax", "log_softmax", "selu", "celu", "hardshrink", "conv1d",
+         "conv2d", "conv3d", "layer_norm", "group_norm", "batch_norm", "max_pool2d", "dropout", "embedding",
+         "pixel_shuffle", "flatten")
+FUNCTIONAL_SPECS.update({getattr(torch.ops.aten, name): FUNCTIONAL_SPECS[getattr(torch, name)] for name in _ATEN})
 
 #: Tensor method name -> Spec (``x.relu()``, ``x.softmax(-1)``, ``x.flatten(1)``).
 METHOD_SPECS: dict[str, Spec] = {

@@ -242,3 +242,27 @@ FUNCTIONAL_CASES = {
     F.pairwise_distance: (lambda x, y: F.pairwise_distance(x, y, keepdim=True), [A, A]),
     F.local_response_norm: (lambda x: F.local_response_norm(x, 2), [I4]),
 }
+
+
+# torch.* twins of functionals (other argument names or order) and aten overload packets.
+W = (2, 3, 8, 8)
+TWIN_CASES = {
+    torch.selu: (lambda x: torch.selu(x - 1), [A]),
+    torch.celu: (lambda x: torch.celu(x - 1, 0.5), [A]),
+    torch.max_pool1d: (lambda x: torch.max_pool1d(x, 2, [], 0, 1, True), [(2, 3, 9)]),
+    torch.max_pool2d: (lambda x: torch.max_pool2d(x, 3, 2, 1), [W]),
+    torch.max_pool3d: (lambda x: torch.max_pool3d(x, 2), [(1, 2, 4, 4, 4)]),
+    torch.rms_norm: (lambda x: torch.rms_norm(x, (4,), None, 1e-6), [A]),
+    torch.ops.aten.relu: (lambda x: torch.ops.aten.relu(x - 1), [A]),
+    torch.ops.aten.relu_: (lambda x: torch.ops.aten.relu_(x - 1), [A]),
+    torch.ops.aten.sigmoid: (lambda x: torch.ops.aten.sigmoid(x), [A]),
+    torch.ops.aten.tanh: (lambda x: torch.ops.aten.tanh(x), [A]),
+    torch.ops.aten.softmax: (lambda x: torch.ops.aten.softmax(x, -1), [A]),
+    torch.ops.aten.log_softmax: (lambda x: torch.ops.aten.log_softmax(x, 0), [A]),
+    torch.ops.aten.selu: (lambda x: torch.ops.aten.selu(x - 1), [A]),
+    torch.ops.aten.celu: (lambda x: torch.ops.aten.celu(x - 1, 2.0), [A]),
+    torch.ops.aten.hardshrink: (lambda x: torch.ops.aten.hardshrink(x, 0.7), [A]),
+    torch.ops.aten.max_pool2d: (lambda x: torch.ops.aten.max_pool2d(x, [2, 2]), [W]),
+    torch.ops.aten.pixel_shuffle: (lambda x: torch.ops.aten.pixel_shuffle(x, 2), [(1, 8, 3, 3)]),
+    torch.ops.aten.flatten: (lambda x: torch.ops.aten.flatten(x, 1), [W]),
+}

@@ -11,7 +11,7 @@ from qprep.passes.functional_table import FUNCTIONAL_SPECS, METHOD_SPECS
 from qprep.core._compat import boolean_dispatch_parts
 from qprep.passes.functional_table import WITHOUT_MODULE
 from tests.models import CallModel, FunctionalNet
-from tests.op_cases import FUNCTIONAL_CASES
+from tests.op_cases import FUNCTIONAL_CASES, TWIN_CASES
 
 PARAMETRIC = {F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
               F.conv_transpose3d, F.batch_norm, F.layer_norm, F.rms_norm, F.group_norm, F.instance_norm,
@@ -34,9 +34,67 @@ DISPATCHED = {pick for fn in FUNCTIONAL_CASES for pick in boolean_dispatch_parts
 WRAPPED = {F.rrelu}
 
 
+# torch.* twins taking the model's weights or a training flag: TwinNet below calls each.
+PARAMETRIC_TWINS = {torch.batch_norm, torch.instance_norm, torch.layer_norm, torch.group_norm, torch.embedding,
+                    torch.dropout, torch.alpha_dropout, torch.feature_alpha_dropout, torch.ops.aten.conv1d,
+                    torch.ops.aten.conv2d, torch.ops.aten.conv3d, torch.ops.aten.layer_norm, torch.ops.aten.group_norm,
+                    torch.ops.aten.batch_norm, torch.ops.aten.dropout, torch.ops.aten.embedding}
+
+
 def test_every_spec_has_a_case():
-    covered = set(FUNCTIONAL_CASES) | PARAMETRIC | MODE | DISPATCHED
+    covered = set(FUNCTIONAL_CASES) | set(TWIN_CASES) | PARAMETRIC | MODE | DISPATCHED | PARAMETRIC_TWINS
     assert set(FUNCTIONAL_SPECS) <= covered
+
+
+@pytest.mark.parametrize("fn", list(TWIN_CASES), ids=lambda f: str(getattr(f, "__name__", f)))
+def test_twin_entry_bit_exact(fn):
+    call, shapes = TWIN_CASES[fn]
+    model = CallModel(call, len(shapes))
+    gm = qprep.prepare(model, _inputs(shapes, 1))
+    assert not _functional_nodes(gm) and not any(isinstance(m, qprep.modules.Functional) for m in gm.modules()), gm
+    assert qprep.verify(model, gm, _inputs(shapes, 2)).equal
+
+
+class TwinNet(nn.Module):
+    """The torch.* and aten twins that take the model's own weights or follow self.training."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv1d(3, 3, 1), nn.Conv2d(3, 3, 3), nn.Conv3d(3, 3, 1)
+        self.bn, self.inorm = nn.BatchNorm2d(3), nn.InstanceNorm2d(3, affine=True)
+        self.ln, self.gn = nn.LayerNorm(6), nn.GroupNorm(1, 3)
+        self.emb = nn.Embedding(10, 6, padding_idx=2)
+
+    def forward(self, x, tokens):
+        a = torch.ops.aten.conv2d(x, self.conv2.weight, self.conv2.bias)
+        a = torch.batch_norm(a, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var, self.training,
+                             0.1, 1e-5, True)
+        a = torch.ops.aten.batch_norm(a, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var,
+                                      self.training, 0.1, 1e-5, True)
+        a = torch.instance_norm(a, self.inorm.weight, self.inorm.bias, None, None, True, 0.1, 1e-5, True)
+        a = torch.group_norm(a, 1, self.gn.weight, self.gn.bias, 1e-5, True)
+        a = torch.ops.aten.group_norm(a, 1, self.gn.weight, self.gn.bias)
+        a = torch.layer_norm(a, (6,), self.ln.weight, self.ln.bias, 1e-5, True)
+        a = torch.ops.aten.layer_norm(a, [6], self.ln.weight, self.ln.bias)
+        a = torch.dropout(a, 0.2, self.training) + torch.alpha_dropout(a, 0.1, self.training)
+        a = torch.feature_alpha_dropout(a, 0.1, self.training) + torch.ops.aten.dropout(a, 0.3, self.training)
+        b = torch.ops.aten.conv1d(x[:, :, 0], self.conv1.weight, self.conv1.bias)
+        c = torch.ops.aten.conv3d(x.unsqueeze(2), self.conv3.weight, self.conv3.bias)
+        e = torch.embedding(self.emb.weight, tokens, 2) + torch.ops.aten.embedding(self.emb.weight, tokens)
+        return a, b, c, e
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_parametric_and_mode_twins_become_modules_sharing_the_weights(mode):
+    model = TwinNet().train(mode == "train")
+    example = (torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2, 5)))
+    gm = qprep.prepare(model, example)
+    assert not _functional_nodes(gm) and not any(isinstance(m, qprep.modules.Functional) for m in gm.modules()), gm
+    assert set(gm.state_dict()) == set(model.state_dict())
+    assert gm.batchnorm2d.weight is gm.bn.weight and gm.embedding.weight is gm.emb.weight
+    assert gm.embedding.padding_idx == 2 and gm.embedding_1.padding_idx is None
+    fresh = (torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3, 4)))
+    assert qprep.verify(model, gm, fresh, train=False).equal and qprep.verify(model, gm, fresh, train=True).equal
 
 
 @pytest.mark.parametrize("fn", [F.max_pool2d, F.adaptive_max_pool1d], ids=lambda f: f.__name__)
