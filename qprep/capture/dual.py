@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..core import meta
 from ..core.dual import MODES, modes_of
+from .tracer import QprepTracer
 
 __all__ = ["union", "split"]
 
@@ -43,7 +44,7 @@ def _key(node: torch.fx.Node, env: dict) -> tuple:
 
 def union(train: torch.fx.GraphModule, evaluation: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Merge the train-mode and eval-mode traces of one model (see the module docstring)."""
-    graph = torch.fx.Graph()
+    graph = torch.fx.Graph(tracer_cls=QprepTracer)
     attrs: dict[str, Any] = {}
     env_train: dict[torch.fx.Node, torch.fx.Node] = {}
     open_keys: dict[tuple, list[torch.fx.Node]] = {}
@@ -143,7 +144,7 @@ def _take_attr(source: torch.fx.GraphModule, other: torch.fx.GraphModule, node: 
 def split(gm: torch.fx.GraphModule, mode: str) -> torch.fx.Graph:
     """The graph of ``mode`` (``"train"``/``"eval"``) out of a union graph, in its own order."""
     index = 0 if mode == "train" else 1
-    graph = torch.fx.Graph()
+    graph = torch.fx.Graph(tracer_cls=QprepTracer)
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in gm.graph.nodes:
         if node.op == "output":

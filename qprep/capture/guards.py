@@ -153,6 +153,9 @@ def insert_guards(graph: torch.fx.Graph, recorder: GuardRecorder) -> tuple[Guard
             check = graph.call_function(check_guard, (node, guard.expected, guard.how, guard.expression,
                                                       guard.location))
         check.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        # fx then writes `wrap("<its name>")` into the generated code, so that re-tracing the
+        # code (torch.fx does when it unpickles a GraphModule) records the check as a call
+        check.meta["is_wrapped"] = True
         ancestors = _metadata_ancestors(node)
         inputs_only = ancestors is not None
         if inputs_only:

@@ -47,7 +47,7 @@ from ..core import meta
 from ..core._compat import last_node, mha_fastpath, new_patcher, wrapped_function_registry
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
-from ..core.guards import CONVERSIONS, Guard
+from ..core.guards import CONVERSIONS, Guard, check_guard
 from ..core.provenance import location_text
 from ..core.records import TraceNote
 from ..core.template import tree_any
@@ -233,8 +233,7 @@ class QprepTracer(torch.fx.Tracer):
         does not record them as calls first."""
         registry = wrapped_function_registry()
         saved = dict(registry)
-        ours = {key: namespace for key, namespace in saved.items()
-                if namespace.get("__name__") != "torch.fx._symbolic_trace"}
+        ours = {key: namespace for key, namespace in saved.items() if not _own(namespace.get(key[1]))}
         for key in ours:
             del registry[key]
         try:
@@ -507,6 +506,11 @@ class QprepTracer(torch.fx.Tracer):
 
 
 _DICT_VIEWS = (type({}.items()), type({}.keys()), type({}.values()))
+
+
+def _own(fn: Any) -> bool:
+    """torch.fx's and qprep's own wrapped functions (``check_guard``) stay calls."""
+    return str(getattr(fn, "__module__", "")).startswith(("torch.fx", "qprep."))
 _READS = (operator.getitem, builtins.getattr)
 
 
@@ -645,9 +649,11 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
     guards = insert_guards(graph, tracer.guards)
     for node in graph.nodes:
         # fx marks the calls of functions it auto-wrapped, and its code generator then writes
-        # `torch.fx.wrap(name)` into the generated code, registering the name process-wide
-        # under a key later traces cannot resolve; qprep's tracer records those calls anyway.
-        node.meta.pop("is_wrapped", None)
+        # `torch.fx.wrap(name)` into the generated code, registering the name process-wide,
+        # for a torch function under a dotted name later traces cannot resolve (a KeyError in
+        # every later trace); qprep's tracer records those calls anyway. Guards keep the mark.
+        if node.target is not check_guard:
+            node.meta.pop("is_wrapped", None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _constants_out_of_state(gm)
     _protect_constants(gm)

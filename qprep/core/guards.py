@@ -14,6 +14,8 @@ import dataclasses
 import operator
 from typing import Any
 
+import torch.fx
+
 from .errors import GuardError
 
 __all__ = ["Guard", "check_guard", "is_guard", "CONVERSIONS"]
@@ -77,6 +79,11 @@ def check_guard(value: Any, expected: Any, how: str, expression: str, location: 
         "call's.",
         expression=expression, expected=expected, actual=actual, location=location,
     )
+
+
+# Re-tracing a prepared model's code (torch.fx does when it unpickles one) records the check
+# as a call instead of running it on the tracer's proxies.
+torch.fx.wrap("check_guard")
 
 
 def is_guard(node) -> bool:

@@ -371,3 +371,20 @@ def test_fx_wrapped_function_is_traced_into_or_kept_whole():
 
     assert swin.shifted_window_attention not in calls  # traced into: its matmuls and softmax are modules
     assert compute_ops_outside_modules(gm) == []
+
+
+@pytest.mark.parametrize("model, x", [(AttentionLike(), torch.randn(2, 6, 8)), (Flatten(), torch.randn(2, 3, 4)),
+                                      (TrainBranch().eval(), torch.randn(2, 4))], ids=["factory", "guard", "dual"])
+def test_pickle_round_trip_keeps_guards_factories_and_both_modes(model, x):
+    import io
+
+    gm = qprep.prepare(model, (x,))
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded).__mro__[1] is type(gm).__mro__[1]
+    assert equal(model, loaded, x) and equal(model, loaded, x, train=True)
+    if guards(gm):
+        with pytest.raises(GuardError):
+            loaded(torch.randn(3, 4))
