@@ -11,7 +11,7 @@ from .core.errors import InputError, NotEquivalentError, PassError, QprepError, 
 from .core.records import Change, PassResult, Preparation
 from .report import Report
 from .verify import VerifyResult
-from .coverage import Coverage, coverage  # after the api: it reads the passes' tables
+from .report.coverage import Coverage, coverage
 
 __all__ = [
     "prepare", "verify", "diff", "coverage", "Coverage", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",

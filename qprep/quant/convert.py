@@ -35,8 +35,10 @@ import torch.nn as nn
 from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
 from .. import modules as qm
-from ..coverage import _untouched  # restores buffers, forks the random streams
-from .._internals import DATA_MOVEMENT, QprepError, as_positional, source_location
+from ..core.errors import QprepError
+from ..core.inputs import as_positional
+from ..core.provenance import source_location
+from ..report.coverage import untouched, moves_data
 from ..modules import Input
 from .fake_quant import attach_fake_quant, calibrate, quiet_torch_ao
 
@@ -215,7 +217,7 @@ def _values(gm: torch.fx.GraphModule, args: tuple) -> dict[torch.fx.Node, Any]:
             values[n] = result
             return result
 
-    with _untouched(gm), torch.no_grad():
+    with untouched(gm), torch.no_grad():
         _Recorder(gm).run(*args)
     return values
 
@@ -287,8 +289,7 @@ def _runs_on_int8(gm: torch.fx.GraphModule, node: torch.fx.Node, mapping: dict) 
             return True
         return isinstance(module, RUNS_ON_INT8) and not isinstance(module, _NOT_STATIC)
     if node.op in ("call_function", "call_method"):
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        return name.strip("_") in DATA_MOVEMENT or name in DATA_MOVEMENT
+        return moves_data(node.target)
     return True
 
 

@@ -40,8 +40,8 @@ import torch.ao.quantization as tq
 import torch.nn as nn
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
-from ..coverage import _untouched  # restores buffers, forks the random streams
-from .._internals import as_positional
+from ..core.inputs import as_positional
+from ..report.coverage import untouched
 
 __all__ = [
     "int8_qconfig", "attach_fake_quant", "calibrate", "fake_quant_modules", "FakeQuantReport",
@@ -131,7 +131,7 @@ def _output_kinds(model: nn.Module, args: tuple) -> dict[int, str]:
 
     handles = [m.register_forward_hook(hook) for _, m in _units(model)]
     try:
-        with _untouched(model), torch.no_grad():
+        with untouched(model), torch.no_grad():
             model(*args)
     finally:
         for h in handles:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qprep
-from qprep.coverage import coverage_lines
+from qprep.report.coverage import coverage_lines
 from qprep.examples import DistillerBlock, TinyLSTMLM
 from tests.quant.tasks import SmallCNN
 

@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised where aimet-torch is 
     raise ImportError("qprep.quant.adapters.aimet needs aimet-torch: pip install 'qprep[aimet]'") from exc
 
 from ... import modules as qm
-from ..._internals import as_positional
+from ...core.inputs import as_positional
 from ._template import arguments, plain_call, tensor_slots
 
 __all__ = ["to_aimet", "quantsim", "unquantized_ops", "AimetCall", "AIMET_OPS", "EVERY_OP_CONFIG"]

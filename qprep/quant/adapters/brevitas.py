@@ -41,8 +41,8 @@ except ImportError as exc:  # pragma: no cover - exercised where brevitas is abs
     raise ImportError("qprep.quant.adapters.brevitas needs brevitas: pip install 'qprep[brevitas]'") from exc
 
 from ... import modules as qm
-from ..._internals import as_positional
-from ...coverage import _untouched
+from ...core.inputs import as_positional
+from ...report.coverage import untouched
 from ._template import arguments, plain_call
 
 __all__ = ["quantize", "unquantized_ops", "QuantOutput", "BrevitasCall", "BREVITAS_MAP"]
@@ -129,7 +129,7 @@ def _float_outputs(model: nn.Module, example_inputs: Any) -> set[int] | None:
                                        and o.is_floating_point() else None)
                for m in model.modules() if next(m.children(), None) is None]
     try:
-        with _untouched(model), torch.no_grad():
+        with untouched(model), torch.no_grad():
             model(*as_positional(example_inputs, model))
     finally:
         for h in handles:

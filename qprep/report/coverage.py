@@ -18,7 +18,7 @@ gradient; its buffers and the random streams are left as they were):
   (noted in :attr:`Coverage.notes`). It works on any model, prepared or not.
 * A ``call_function``/``call_method`` node that produces a floating-point tensor is one op,
   **unobserved**, unless it only moves data (``view``, ``reshape``, ``getitem``, ``to``, ...:
-  qprep's ``DATA_MOVEMENT`` list, the same policy :func:`qprep.prepare` applies).
+  qprep's data-movement lists, the same policy :func:`qprep.prepare` applies).
 * A ``call_module`` of a leaf module whose output holds a floating-point tensor is one op,
   **observed**. If the same module object is called at several nodes it is still observed,
   but flagged ``shared``: one quantizer collects the statistics of all its call sites.
@@ -44,7 +44,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import inspect
 import os
 import sys
 from typing import Any, Callable, Iterator
@@ -52,12 +51,21 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx
 import torch.nn as nn
+from tabulate import tabulate
 from torch.overrides import TorchFunctionMode
 
-from . import modules as qm
-from ._internals import DATA_MOVEMENT, PrepareConfig, TraceError, as_positional, source_location, trace
+from .. import modules as qm
+# qprep's tracer, and the data-movement policy the passes apply: the only imports from the
+# layers below that are not the public ``qprep.modules``.
+from ..capture.specialise import trace_specialised
+from ..core.config import PrepareConfig
+from ..core.errors import TraceError
+from ..core.inputs import as_positional
+from ..core.provenance import source_location
+from ..core.runtime import forked_rng, preserved_state
+from ..passes.op_tables import DATA_MOVEMENT_FUNCTIONS, DATA_MOVEMENT_METHODS
 
-__all__ = ["coverage", "Coverage", "OpCoverage", "coverage_lines", "FUSED_TWINS"]
+__all__ = ["coverage", "Coverage", "OpCoverage", "coverage_lines", "moves_data", "untouched", "FUSED_TWINS"]
 
 #: fused ``torch.nn`` module type -> the qprep modular twin whose gate modules are counted.
 FUSED_TWINS: dict[type, Callable[[nn.Module], nn.Module]] = {
@@ -74,13 +82,38 @@ FUSED_TWINS: dict[type, Callable[[nn.Module], nn.Module]] = {
 #: last one the twin runs (attention averages its weights over heads after ``out_proj``).
 _OUTPUT_OP = {nn.MultiheadAttention: "out_proj"}
 
-#: leaf modules that only move data: not compute ops (``torch.flatten`` is data movement too).
+#: leaf modules that only move data: not compute ops.
 DATA_MOVEMENT_MODULES: tuple[type, ...] = (nn.Identity, nn.Flatten, nn.Unflatten)
+#: ``flatten`` only moves data too; qprep turns it into ``nn.Flatten`` (so the passes do not
+#: list it as data movement), and both sides of a preparation must count alike.
+_FLATTEN_FUNCTIONS = (torch.flatten, torch.Tensor.flatten)
+# Tensor dunders that index, as a TorchFunctionMode sees them (fx records operator.getitem).
+_INDEXING = frozenset({"__getitem__", "__setitem__", "__get__", "__set__"})
+
+
+def moves_data(target: Any) -> bool:
+    """Whether a call only moves or reinterprets data: qprep's data-movement policy (the
+    passes' lists: ``Tensor`` methods by name, functions by identity) plus ``flatten``.
+    Takes an fx node's target or a function a ``TorchFunctionMode`` sees (``Tensor.view``)."""
+    if isinstance(target, str):
+        return target in DATA_MOVEMENT_METHODS or target == "flatten"
+    if any(target is f for f in _FLATTEN_FUNCTIONS):
+        return True
+    name = getattr(target, "__name__", "")
+    if name in _INDEXING:
+        return True
+    try:
+        if target in DATA_MOVEMENT_FUNCTIONS:
+            return True
+    except TypeError:  # unhashable
+        return False
+    owner = getattr(target, "__objclass__", None)  # a Tensor method: by name, as the passes match methods
+    return isinstance(owner, type) and issubclass(torch.Tensor, owner) and name in DATA_MOVEMENT_METHODS
+
 
 _WHY_MODULE = "output of a module call"
 _WHY_TENSOR_OP = "tensor op, not a module call: no module-level quantizer sees its output"
 _TORCH_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "")
-_QPREP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +172,6 @@ class Coverage:
 
     def table(self, unobserved_only: bool = False, tablefmt: str = "github") -> str:
         """The per-op table (op, location, source, observed, why)."""
-        from tabulate import tabulate
-
         rows = [(op.op, op.location, op.source, "yes" if op.observed else "no", op.why)
                 for op in self.ops if not (unobserved_only and op.observed)]
         return tabulate(rows, headers=["op", "location", "source", "observed", "why"], tablefmt=tablefmt)
@@ -167,14 +198,13 @@ def coverage(model: nn.Module, example_inputs: Any, *, config: PrepareConfig | N
         raise TypeError(f"qprep.coverage() takes a torch.nn.Module, got {type(model).__name__}")
     args = as_positional(example_inputs, model)
     config = dataclasses.replace(config or PrepareConfig(), on_untraceable="leaf")
-    if config.concrete_args is None:
-        config = dataclasses.replace(config, concrete_args=_defaults_after(model, len(args)) or None)
     name = type(model).__name__
-    with _untouched(model), torch.no_grad():
+    with untouched(model), torch.no_grad():
         try:
             # A GraphModule (qprep.prepare's output) is walked as it is: its nodes keep the
-            # user's source lines; anything else is traced.
-            gm, trace_notes = (model, []) if isinstance(model, torch.fx.GraphModule) else trace(model, config)
+            # user's source lines; anything else is traced for the example inputs.
+            gm, trace_notes = (model, []) if isinstance(model, torch.fx.GraphModule) else \
+                tuple(trace_specialised(model, config, args)[0])
         except TraceError as exc:  # the root forward itself: count by running the whole model
             ops = _probe(model, "", type(model).__name__, _Call(model, args, {}), count_glue=True)[1]
             note = f"the root forward could not be traced ({str(exc).splitlines()[0]}); its ops were counted by running it"
@@ -206,28 +236,12 @@ def coverage_lines(cov: Coverage, limit: int = 20) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _defaults_after(model: nn.Module, given: int) -> dict[str, Any]:
-    """Forward arguments past the given positional ones are fixed to their defaults."""
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in params[given:]
-            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
 @contextlib.contextmanager
-def _untouched(model: nn.Module) -> Iterator[None]:
-    """Buffers (BatchNorm statistics) and the random streams are restored on exit."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Running ``model`` inside leaves its buffers (BatchNorm statistics) and the random
+    streams as they were."""
+    with preserved_state(model), forked_rng():
+        yield
 
 
 def _has_float(value: Any) -> bool:
@@ -248,10 +262,6 @@ def _short_name(target: Any) -> str:
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
     return name
-
-
-def _moves_data(target: Any) -> bool:
-    return _short_name(target) in DATA_MOVEMENT
 
 
 def _op_text(node: torch.fx.Node) -> str:
@@ -305,7 +315,7 @@ class _GraphWalker(torch.fx.Interpreter):
         if n.op == "call_module":
             return self._module_node(n)
         result = super().run_node(n)
-        if n.op in ("call_function", "call_method") and not _moves_data(n.target) and _has_float(result):
+        if n.op in ("call_function", "call_method") and not moves_data(n.target) and _has_float(result):
             location = f"{_scope(n) or '<root>'} ({n.name})"
             self.ops.append(OpCoverage(_op_text(n), location, False, _WHY_TENSOR_OP, source_location(n)))
         return result
@@ -364,8 +374,7 @@ class _GlueCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if not self._inside[0] and _short_name(func) not in ("get", "set") and not _moves_data(func) \
-                and _has_float(result):
+        if not self._inside[0] and not moves_data(func) and _has_float(result):
             self._record(func, result)
         return result
 
