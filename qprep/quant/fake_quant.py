@@ -203,9 +203,18 @@ def _qconfig_for(module: nn.Module, qconfig: tq.QConfig) -> tq.QConfig:
     return qconfig if fixed is None else tq.QConfig(activation=fixed, weight=qconfig.weight)
 
 
-def fake_quant_modules(model: nn.Module) -> list[tuple[str, tq.FakeQuantizeBase]]:
+_SWITCHES = ("enable_observer", "disable_observer", "enable_fake_quant", "disable_fake_quant")
+
+
+def _is_fake_quant(module: nn.Module) -> bool:
+    """torch.ao's ``FakeQuantizeBase``, or a module with its switches (torchao's
+    ``torchao.quantization.pt2e.FakeQuantize``, which does not subclass it)."""
+    return isinstance(module, tq.FakeQuantizeBase) or all(callable(getattr(module, s, None)) for s in _SWITCHES)
+
+
+def fake_quant_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every fake-quantize module in ``model`` (activation and weight), by name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, tq.FakeQuantizeBase)]
+    return [(n, m) for n, m in model.named_modules() if _is_fake_quant(m)]
 
 
 @torch.no_grad()
@@ -216,10 +225,13 @@ def calibrate(model: nn.Module, batches: Iterable, *, forward: Callable[[nn.Modu
     ``model(*batch)`` for a tuple)."""
     forward = forward or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
     model.eval()
-    model.apply(tq.enable_observer)
-    model.apply(tq.disable_fake_quant)
+    fakes = [m for _, m in fake_quant_modules(model)]
+    for fq in fakes:
+        fq.enable_observer()
+        fq.disable_fake_quant()
     for batch in batches:
         forward(model, batch)
-    model.apply(tq.disable_observer)
-    model.apply(tq.enable_fake_quant)
+    for fq in fakes:
+        fq.disable_observer()
+        fq.enable_fake_quant()
     return model

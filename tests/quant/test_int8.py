@@ -100,6 +100,24 @@ def test_lstm_lm_int8_within_one_point_and_unprepared_lstm_stays_float(lm_task):
           f"int8 (original, {raw_report.count}) {lm_accuracy(raw, seqs):.2f}%; coverage {raw_cov.fraction:.1%} -> 100%")
 
 
+def test_torchao_fake_quant_modules_plug_into_the_same_flow(cnn_task):
+    ao = pytest.importorskip("torchao.quantization.pt2e", reason="torchao not installed (optional)")
+    model, test, batches = cnn_task
+    x = batches[0][:2]
+    qconfig = tq.QConfig(
+        activation=ao.FakeQuantize.with_args(observer=ao.MinMaxObserver, quant_min=0, quant_max=127,
+                                             dtype=torch.quint8, qscheme=torch.per_tensor_affine),
+        weight=ao.FakeQuantize.with_args(observer=ao.PerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+                                         dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0))
+    fq = _fake_quantized(qprep.prepare(model, (x,)), (x,), batches)
+    fq_ao = \
+        qq.calibrate(qq.attach_fake_quant(qprep.prepare(model, (x,)), (x,), qconfig=qconfig), batches)
+    assert type(fq_ao.stem.activation_post_process).__module__.startswith("torchao.")
+    _assert_calibrated(fq_ao)
+    with torch.no_grad():  # the same math as torch.ao's modules: the same simulation
+        assert torch.equal(fq_ao(test[0]), fq(test[0]))
+
+
 def test_tied_weights_stay_tied_and_original_is_untouched(lm_task):
     model, seqs, _ = lm_task
     before = {k: v.clone() for k, v in model.state_dict().items()}
