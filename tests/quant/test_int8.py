@@ -110,8 +110,7 @@ def test_torchao_fake_quant_modules_plug_into_the_same_flow(cnn_task):
         weight=ao.FakeQuantize.with_args(observer=ao.PerChannelMinMaxObserver, quant_min=-128, quant_max=127,
                                          dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0))
     fq = _fake_quantized(qprep.prepare(model, (x,)), (x,), batches)
-    fq_ao = \
-        qq.calibrate(qq.attach_fake_quant(qprep.prepare(model, (x,)), (x,), qconfig=qconfig), batches)
+    fq_ao = qq.calibrate(qq.attach_fake_quant(qprep.prepare(model, (x,)), (x,), qconfig=qconfig), batches)
     assert type(fq_ao.stem.activation_post_process).__module__.startswith("torchao.")
     _assert_calibrated(fq_ao)
     with torch.no_grad():  # the same math as torch.ao's modules: the same simulation
