@@ -145,15 +145,15 @@ def _fsdp_worker(rank, world, port, out, steps):
     try:
         results = {}
         x = _fsdp_batch(0, 0)[0]
-        for mode in ("original", "per_layer", "whole"):
+        for mode in ("original", "per_layer", "whole", "whole_root_only"):
             torch.manual_seed(0)
             model = _Stack()
             if mode == "per_layer":  # each layer prepared on its own: a GraphModule whose forward runs
                 for i, layer in enumerate(model.layers):
                     model.layers[i] = qprep.prepare(layer, (x,))
-            elif mode == "whole":  # one GraphModule: the layers' own forward never runs
+            elif mode.startswith("whole"):  # one GraphModule: the layers' own forward never runs
                 model = qprep.prepare(model, (x,))
-            layers = [m for _, m in model.layers.named_children()]
+            layers = [m for _, m in model.layers.named_children()] if mode != "whole_root_only" else []
             try:
                 for layer in layers:
                     fully_shard(layer)
@@ -189,3 +189,8 @@ def test_fsdp2_fully_shard_prepared_layers_on_cpu(tmp_path):
         assert torch.allclose(value, per_layer["state"][key], atol=1e-5), key
     # a whole-model GraphModule calls the layers' leaves directly: FSDP2's per-layer hooks never run
     assert "mixed torch.Tensor and DTensor" in results["whole"]["error"]
+    # sharded as one unit (the root's hooks do run), it trains: no per-layer memory saving though
+    root_only = results["whole_root_only"]
+    assert "error" not in root_only, root_only.get("error")
+    for key, value in original["state"].items():
+        assert torch.allclose(value, root_only["state"][key], atol=1e-5), key
