@@ -5,9 +5,9 @@ quantizers at module calls, on the output of leaf modules. An op whose output pa
 a module call is *observable*; a bare tensor op (``out += identity``, ``torch.cat``,
 ``F.relu``) is not, and neither is an op computed inside a fused kernel (``nn.LSTM``'s gates).
 
->>> cov = qprep.coverage(model, (x,))
+>>> cov = qprep.coverage(DistillerBlock(), (x,))        # qprep.examples
 >>> cov.observed, cov.total, f"{cov.fraction:.0%}"
-(9, 12, '75%')
+(6, 9, '67%')
 >>> print(cov.table(unobserved_only=True))
 
 How ops are counted (the model runs once on the example inputs, in its current mode, with no
