@@ -11,9 +11,10 @@ from .core.errors import InputError, NotEquivalentError, PassError, QprepError, 
 from .core.records import Change, PassResult, Preparation
 from .report import Report
 from .verify import VerifyResult
+from .report.coverage import Coverage, coverage
 
 __all__ = [
-    "prepare", "verify", "diff", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
+    "prepare", "verify", "diff", "coverage", "Coverage", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
     "QprepError", "InputError", "TraceError", "PassError", "RewriteError", "NotEquivalentError",
 ]
 

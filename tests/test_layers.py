@@ -17,7 +17,8 @@ PASSES_DIR = pathlib.Path(qprep.passes.__file__).resolve().parent
 
 #: layer -> rank; a module may import its own layer and layers of lower rank, never a
 #: layer of the same rank (report and verify are siblings).
-RANKS = {"core": 0, "examples": 0, "modules": 1, "capture": 2, "passes": 3, "verify": 4, "report": 4, "api": 5, "cli": 6}
+RANKS = {"core": 0, "examples": 0, "modules": 1, "capture": 2, "passes": 3, "verify": 4, "report": 4, "api": 5,
+         "quant": 5, "cli": 6}
 #: imported inside functions on purpose: optional dependencies.
 OPTIONAL = {"jsonschema"}
 PASS_MODULES = {f"qprep.passes.{pass_name(p)}" for p in PIPELINE}
