@@ -15,6 +15,7 @@ from .aliases import restore_missing_state
 from .analysis import has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, record_types
 from .config import PrepareConfig
 from .errors import InputError, NotEquivalentError, QprepError, TraceError
+from .fast_forward import install_fast_forward
 from .inputs import as_positional
 from .pipeline import PIPELINE, pass_name, run_pipeline
 from .records import Change
@@ -241,6 +242,7 @@ def prepare(
         changed={pass_name(p): r.changed for p, r in zip(PIPELINE, results)},
     )
     gm.meta.setdefault("qprep", {})["preparation"] = preparation
+    install_fast_forward(gm)
     if check and args is not None:
         preparation.verification = verify(model, gm, args)
         if not preparation.verification.equal:

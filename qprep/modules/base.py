@@ -18,6 +18,8 @@ from typing import Any, Callable, ClassVar
 
 import torch.nn as nn
 
+from .._compat import call_is_plain
+
 __all__ = ["Input", "TensorOp", "describe_call"]
 
 
@@ -67,6 +69,7 @@ def _fill(value: Any, inputs: tuple) -> Any:
 
 
 _DIRECT, _FLAT, _PACK, _NESTED = "direct", "flat", "pack", "nested"
+_PLAN_ATTRS = ("call", "args", "kwargs", "mode_arg")
 
 
 def _plan(args: tuple | None, kwargs: dict) -> tuple[str, tuple]:
@@ -129,15 +132,51 @@ class TensorOp(nn.Module):
         self.call = call
         self.args = tuple(args) if args is not None else None
         self.kwargs = {**(kwargs or {}), **constants}
-        self._plan, self._slots = _plan(self.args, self.kwargs)
-        if self.args is None and self.pack_inputs:
-            self._plan = _PACK
-        self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
         #: the argument (keyword name or position) that is ``self.training`` at call time:
         #: ``F.dropout(x, p, training=self.training)`` keeps following ``.train()``/``.eval()``.
         self.mode_arg = mode_arg
+        self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
+
+    #: the call itself where ``forward`` passes its inputs straight to it (see ``_refresh_plan``).
+    _run: ClassVar[Callable | None] = None
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _PLAN_ATTRS and all(attr in self.__dict__ for attr in _PLAN_ATTRS):
+            self._refresh_plan()
+
+    def _refresh_plan(self) -> None:
+        """Decides, from ``call``, ``args``, ``kwargs`` and ``mode_arg``, how ``forward``
+        fills the call; re-run whenever one of them is assigned."""
+        self._plan, self._slots = _plan(self.args, self.kwargs)
+        if self.args is None and self.pack_inputs:
+            self._plan = _PACK
+        direct = self._plan == _DIRECT and self.mode_arg is None and not isinstance(self.call, str)
+        self.__dict__["_run"] = self.call if direct else None
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if all(attr in self.__dict__ for attr in _PLAN_ATTRS):
+            self._refresh_plan()
+
+    def __call__(self, *args, **kwargs):
+        # ``nn.Module.__call__`` minus its Python frames while nothing can tell the
+        # difference: its own no-hook checks, plus no patched ``nn.Module.__call__`` (fx
+        # tracing), no jit trace, no compiled call, and ``forward`` neither overridden nor
+        # patched, so that calling the op is what ``forward`` would do.
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or self._compiled_call_impl is not None or not call_is_plain()):
+            return nn.Module.__call__(self, *args, **kwargs)
+        run = self._run
+        if (run is not None and not kwargs and not self.kwargs and type(self).forward is _FORWARD
+                and "forward" not in self.__dict__):
+            return run(*args)
+        return self.forward(*args, **kwargs)
 
     def forward(self, *inputs):
+        run = self._run
+        if run is not None and not self.kwargs:
+            return run(*inputs)
         plan = self._plan
         if plan == _DIRECT:
             args, kwargs = inputs, self.kwargs
@@ -184,6 +223,9 @@ class TensorOp(nn.Module):
         if self.mode_arg is not None:
             parts.append(f"{self.mode_arg if isinstance(self.mode_arg, str) else 'arg' + str(self.mode_arg)}=self.training")
         return ", ".join(parts)
+
+
+_FORWARD = TensorOp.forward
 
 
 def _inplace_ops(*names: str) -> frozenset:
