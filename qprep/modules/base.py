@@ -9,6 +9,13 @@ so the wrapper is bit-exact by construction, in-place forms included (``x += y``
 
 Built directly, with no template, a wrapper calls its class's plain form on its inputs:
 ``Add()(x, y)`` is ``x + y`` and ``Cat(dim=1)(a, b)`` is ``torch.cat([a, b], dim=1)``.
+
+Calls are cheap while nothing observes them. ``nn.Module.__call__`` costs about 1 us, as
+much as a small op; ``TensorOp.__call__`` makes the same no-hook checks in one frame and
+then calls the op directly (``operator.add(x, y)``) when its inputs pass straight through.
+Any forward, forward-pre, backward or global hook, a compiled call, fx or jit tracing,
+dynamo/export, or a subclass or instance that replaces ``forward``, and the call goes
+through ``nn.Module.__call__`` as usual (``tests/test_fast_path.py``).
 """
 
 from __future__ import annotations
@@ -134,11 +141,11 @@ class TensorOp(nn.Module):
         self.kwargs = {**(kwargs or {}), **constants}
         #: the argument (keyword name or position) that is ``self.training`` at call time:
         #: ``F.dropout(x, p, training=self.training)`` keeps following ``.train()``/``.eval()``.
-        self.mode_arg = mode_arg
-        self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
+        self.mode_arg = mode_arg  # the last of _PLAN_ATTRS: runs _refresh_plan
 
-    #: the call itself where ``forward`` passes its inputs straight to it (see ``_refresh_plan``).
-    _run: ClassVar[Callable | None] = None
+    #: ``call`` where ``forward`` passes its inputs straight to it, else None (an instance
+    #: attribute set by ``_refresh_plan``; this class default serves older pickles).
+    _run = None
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -151,8 +158,10 @@ class TensorOp(nn.Module):
         self._plan, self._slots = _plan(self.args, self.kwargs)
         if self.args is None and self.pack_inputs:
             self._plan = _PACK
-        direct = self._plan == _DIRECT and self.mode_arg is None and not isinstance(self.call, str)
-        self.__dict__["_run"] = self.call if direct else None
+        call = self.call
+        direct = self._plan == _DIRECT and self.mode_arg is None and not isinstance(call, str)
+        self.__dict__["_run"] = call if direct else None
+        self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

@@ -33,9 +33,14 @@ B in {1, 4}, (input, hidden) in {(16, 16), (32, 64), (128, 128)}, 1 layer or 2
 bidirectional; 4.2e-7 for T=32, B=8, I=H=128 and 5.4e-7 for T=64, B=16, I=H=256, 2 layers
 (in ``c_n``). The tests assert it stays under :data:`ONEDNN_LSTM_ATOL` = 1e-6.
 
-The layers call the gate ops' ``forward`` (or the op it makes, ``torch.sigmoid``) directly,
-skipping ``nn.Module.__call__``, while no hook, jit trace or patched ``__call__`` could tell
-(see :func:`_direct_calls`); with a hook on any gate op every call goes through ``__call__``.
+Speed. The layers project a whole sequence with one ``input_linear`` call, then, while no
+hook, trace or compiler could tell, call the op each gate module makes (``torch.sigmoid``,
+``operator.mul``, ``F.linear`` with the module's weight) instead of the module, skipping
+``nn.Module.__call__`` (see :func:`_direct_calls`). With a hook on any gate op, a global
+hook, fx/jit tracing, dynamo or export, every call goes through ``__call__``; a gate op
+replaced by another module, or a patched ``forward``, is called as such. The remaining cost
+over ATen's native kernel is that of calling ~12 small out-of-place ops per step from
+Python (``benchmarks/bench_rnn.py``).
 """
 
 from __future__ import annotations
@@ -107,10 +112,11 @@ def _direct_calls(cell: nn.Module):
     is unobservable, else the cell itself, whose ops are then called as modules.
 
     A step makes ~12 module calls; ``nn.Module.__call__`` and the ops' ``forward`` frames
-    would cost more Python time than the small ops themselves. Any hook, jit trace or
-    patched ``__call__`` turns this off, so observers and fake-quant hooks see every call.
-    The callables are built per sequence: a module replaced (``cell.input_gate = ...``) or
-    hooked between calls is seen by the next call.
+    would cost more Python time than the small ops themselves. Any hook (on a gate op or
+    global), jit or fx tracing, dynamo or export turns this off, so observers and fake-quant
+    hooks see every call. The callables are built per sequence: a module replaced
+    (``cell.input_gate = ...``), hooked or given new weights between calls is seen by the
+    next call. (Within a sequence nothing can change them: no user code runs there.)
     """
     if not plain_calls_allowed():
         return cell
