@@ -27,6 +27,7 @@ only slower): call :func:`install_fast_forward` again after it. ``copy.deepcopy`
 from __future__ import annotations
 
 import ast
+import warnings
 
 import torch.fx
 import torch.nn as nn
@@ -120,11 +121,17 @@ def install_fast_forward(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Make ``gm`` run :func:`fast_forward_source`'s ``forward``; returns ``gm``.
 
     Does nothing while fx's profiler metadata is on (its code carries profiler markers).
+    Where the generated code has a form this does not know, ``gm`` keeps fx's ``forward``
+    (same results, only slower) and a warning says why.
     """
     if profiler_metadata_enabled():
         return gm
-    src, globals_ = fast_forward_source(gm)
-    forward = forward_from_source(src, globals_)
+    try:
+        src, globals_ = fast_forward_source(gm)
+        forward = forward_from_source(src, globals_)
+    except (ValueError, SyntaxError) as exc:
+        warnings.warn(f"qprep: keeping fx's generated forward (the fast forward failed: {exc})", stacklevel=2)
+        return gm
     setattr(forward, _MARK, True)
     type(gm).forward = forward  # fx gives every GraphModule its own class
     add_deepcopy_hook(gm, _reinstall)

@@ -28,7 +28,7 @@ from torch.nn.modules import module as torch_module
 import qprep
 from qprep.fast_forward import fast_forward_source, has_fast_forward, install_fast_forward
 from qprep.modules import (
-    Add, Cat, Eq, Input, MaskedFill, MatMul, ModularGRU, ModularLSTM, ModularRNN, Mul, Sub, Sum, TensorOp,
+    Add, Cat, Eq, Input, MaskedFill, ModularGRU, ModularLSTM, ModularRNN, Mul, Sub, Sum, TensorOp,
 )
 from qprep.modules.rnn import _direct_calls
 from tests.models import AttentionBlock
@@ -548,3 +548,24 @@ def test_export_records_every_module_call():
     wrappers = {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("residual")}
     assert wrappers <= scopes and "lstm.layers.0.cell.input_gate" in scopes
     assert torch.equal(program.module()(x), model(x))
+
+
+def test_odd_submodule_names_and_keyword_arguments():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module("my-layer", nn.Linear(4, 4))
+            self.add_module("it's", nn.ReLU())
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            y = getattr(self, "my-layer")(input=x)
+            return getattr(self, "it's")(y) + self.drop(x)
+
+    model, x = Odd().eval(), torch.randn(2, 4)
+    gm = qprep.prepare(model, (x,))
+    src, _ = fast_forward_source(gm)
+    assert "self._modules['my-layer']" in src and '''self._modules["it's"]''' in src and "getattr(self" not in src
+    assert torch.equal(gm(x), model(x))
+    gm.get_submodule("my-layer").register_forward_hook(lambda m, args, kwargs, out: out * 0, with_kwargs=True)
+    assert torch.equal(gm(x), model.drop(x))
