@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .capture import capture, split
 from .core.dual import DualGraphModule
+from .modules.fast_forward import install_fast_forward
 from .core import meta
 from .core.aliases import restore_missing_state
 from .core.config import PrepareConfig
@@ -107,8 +108,10 @@ def prepare(
     if captured.dual:  # one graph per mode, sharing every module the passes made
         gm.training = model.training
         gm = DualGraphModule(gm, split(gm, "train"), split(gm, "eval"), gm._get_name())
+        gm.after_recompile = install_fast_forward
     restore_missing_state(work, gm)
     gm.training = model.training
+    install_fast_forward(gm)
     preparation = Preparation(
         config=config,
         passes=tuple(r.pass_name for r in results),

@@ -273,7 +273,7 @@ class _LeafOpsTracer(torch.fx.Tracer):
 
 DATA_MOVEMENT = {
     "call_function": {operator.getitem, rnn_module._cell_call_args, rnn_module._cell_result},
-    "call_method": {"chunk", "split", "unbind", "narrow", "size"},
+    "call_method": {"chunk", "split", "split_with_sizes", "unbind", "narrow", "size"},
 }
 CELL_OPS = {
     "lstm": ["input_linear", "hidden_linear", "gates_add", "input_gate", "forget_gate", "cell_candidate", "output_gate",

@@ -8,12 +8,15 @@ from typing import Iterator
 import torch
 import torch.fx
 import torch.fx._symbolic_trace as _fx_trace
+import torch.fx.graph_module as _fx_graph_module
+from torch.fx.experimental import _config as _fx_config
 import torch.nn.functional as F
 from torch.fx.passes import shape_prop as _shape_prop
 from torch.nn.modules import transformer as _transformer
 
 __all__ = [
-    "last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed",
+    "last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed", "call_is_plain",
+    "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
     "autowrap_search",
@@ -86,18 +89,51 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
     )
 
 
-def plain_calls_allowed() -> bool:
+_GLOBAL_HOOKS = (
+    torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks,  # noqa: SLF001
+    torch.nn.modules.module._global_backward_hooks, torch.nn.modules.module._global_backward_pre_hooks,  # noqa: SLF001
+)
+_tracing_state = torch._C._get_tracing_state  # noqa: SLF001
+
+
+def global_hook_dicts() -> tuple[dict, dict, dict, dict]:
+    """torch's global module hook dicts (forward, forward-pre, backward, backward-pre), as
+    the objects ``register_module_*_hook`` mutates (torch never rebinds them)."""
+    return _GLOBAL_HOOKS
+
+
+def call_is_plain(_hooks=_GLOBAL_HOOKS, _tracing=_tracing_state, _module=torch.nn.Module, _call=_MODULE_CALL,
+                  _compiling=torch.compiler.is_compiling) -> bool:
     """Whether calling modules' ``forward`` directly, skipping ``nn.Module.__call__``, is
-    unobservable process-wide: no ``torch.jit.trace`` running, no global module hooks
-    (``register_module_forward_hook`` & co) and ``nn.Module.__call__`` not patched (as
-    ``torch.fx`` tracing does). Per-module state: :func:`has_call_hooks`."""
-    hooks = torch.nn.modules.module
-    return not (
-        torch._C._get_tracing_state() is not None  # noqa: SLF001
-        or torch.nn.Module.__call__ is not _MODULE_CALL
-        or hooks._global_forward_hooks or hooks._global_forward_pre_hooks  # noqa: SLF001
-        or hooks._global_backward_hooks or hooks._global_backward_pre_hooks  # noqa: SLF001
-    )
+    unobservable process-wide: no global module hooks (``register_module_forward_hook`` &
+    co), no ``torch.jit.trace`` running, ``nn.Module.__call__`` not patched (as ``torch.fx``
+    tracing does), and neither dynamo nor ``torch.export`` tracing (which record each module
+    call in ``nn_module_stack``). Cheap enough to ask on every module call. Per-module
+    state: :func:`has_call_hooks`."""
+    if _compiling():  # first: dynamo evaluates it to True without tracing what follows
+        return False
+    forward, forward_pre, backward, backward_pre = _hooks
+    return not (forward or forward_pre or backward or backward_pre) and _tracing() is None and _module.__call__ is _call
+
+
+plain_calls_allowed = call_is_plain
+
+
+def forward_from_source(src: str, globals_: dict):
+    """A ``forward`` function compiled from generated source, as ``GraphModule.recompile``
+    compiles its own (the source registered with linecache for tracebacks)."""
+    return _fx_graph_module._forward_from_src(src, globals_)  # noqa: SLF001
+
+
+def add_deepcopy_hook(gm: torch.fx.GraphModule, hook) -> None:
+    """Run ``hook(copy)`` on every ``copy.deepcopy`` of ``gm`` (once per hook)."""
+    if hook not in gm._deepcopy_hooks:  # noqa: SLF001
+        gm._register_deepcopy_hook(hook)  # noqa: SLF001
+
+
+def profiler_metadata_enabled() -> bool:
+    """Whether fx generates code with profiler markers (``enrich_profiler_metadata``)."""
+    return bool(getattr(_fx_config, "enrich_profiler_metadata", False))
 
 
 def canonical_mask(**kwargs):

@@ -74,6 +74,9 @@ class DualGraphModule(torch.fx.GraphModule):
         self.train_graph = train_graph
         self.eval_graph = eval_graph
         self.training = training
+        #: called with the module after each switch regenerates ``forward`` (qprep installs
+        #: its faster forward there); ``None`` keeps torch.fx's
+        self.after_recompile = None
 
     def graph_of(self, mode: str) -> torch.fx.Graph:
         """The graph run in ``mode`` (``"train"`` or ``"eval"``)."""
@@ -83,6 +86,8 @@ class DualGraphModule(torch.fx.GraphModule):
         wanted = self.train_graph if mode else self.eval_graph
         if self.graph is not wanted:
             self.graph = wanted  # regenerates forward
+            if self.after_recompile is not None:
+                self.after_recompile(self)
         return super().train(mode)
 
     # deepcopy and pickling keep both graphs (GraphModule's own keep the current one only)
@@ -90,6 +95,9 @@ class DualGraphModule(torch.fx.GraphModule):
         def init(res: DualGraphModule, fake_mod: nn.Module, graph: torch.fx.Graph) -> None:
             state = fake_mod.__dict__
             DualGraphModule.__init__(res, fake_mod, state["train_graph"], state["eval_graph"], self._get_name())
+            res.after_recompile = state.get("after_recompile")
+            if res.after_recompile is not None:
+                res.after_recompile(res)
 
         return init
 
@@ -99,11 +107,11 @@ class DualGraphModule(torch.fx.GraphModule):
             single = torch.fx.GraphModule(self, copy.deepcopy(graph), self._get_name())
             single.training = self.training
             parts.append(single)
-        return (_rebuild, (parts[0], parts[1], self.training, self._get_name()))
+        return (_rebuild, (parts[0], parts[1], self.training, self._get_name(), self.after_recompile))
 
 
 def _rebuild(train_module: torch.fx.GraphModule, eval_module: torch.fx.GraphModule, training: bool,
-             class_name: str) -> DualGraphModule:
+             class_name: str, after_recompile=None) -> DualGraphModule:
     """Unpickle a :class:`DualGraphModule` from its two single-mode GraphModules, which share
     their modules and tensors (pickle keeps one copy of each)."""
     root = nn.Module()
@@ -113,6 +121,9 @@ def _rebuild(train_module: torch.fx.GraphModule, eval_module: torch.fx.GraphModu
                 _copy_attr(module, root, node.target)
     root.training = training
     dual = DualGraphModule(root, train_module.graph, eval_module.graph, class_name)
+    dual.after_recompile = after_recompile
+    if after_recompile is not None:
+        after_recompile(dual)
     meta: Any = getattr(train_module, "meta", None)
     if isinstance(meta, dict):
         dual.meta.update(meta)

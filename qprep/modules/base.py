@@ -9,6 +9,13 @@ so the wrapper is bit-exact by construction, in-place forms included (``x += y``
 
 Built directly, with no template, a wrapper calls its class's plain form on its inputs:
 ``Add()(x, y)`` is ``x + y`` and ``Cat(dim=1)(a, b)`` is ``torch.cat([a, b], dim=1)``.
+
+Calls are cheap while nothing observes them. ``nn.Module.__call__`` costs about 1 us, as
+much as a small op; ``TensorOp.__call__`` makes the same no-hook checks in one frame and
+then calls the op directly (``operator.add(x, y)``) when its inputs pass straight through.
+Any forward, forward-pre, backward or global hook, a compiled call, fx or jit tracing,
+dynamo/export, or a subclass or instance that replaces ``forward``, and the call goes
+through ``nn.Module.__call__`` as usual (``tests/test_fast_path.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any, Callable, ClassVar
 
 import torch.nn as nn
 
+from ..core._compat import call_is_plain
 from ..core.template import Input, fill, has_slot
 from ..core.text import callable_name
 
@@ -25,6 +33,7 @@ __all__ = ["Input", "TensorOp"]
 
 
 _DIRECT, _FLAT, _PACK, _NESTED = "direct", "flat", "pack", "nested"
+_PLAN_ATTRS = ("call", "args", "kwargs", "mode_arg")
 
 
 def _plan(args: tuple | None, kwargs: dict) -> tuple[str, tuple]:
@@ -72,15 +81,53 @@ class TensorOp(nn.Module):
         self.call = call
         self.args = tuple(args) if args is not None else None
         self.kwargs = {**(kwargs or {}), **constants}
+        #: the argument (keyword name or position) that is ``self.training`` at call time:
+        #: ``F.dropout(x, p, training=self.training)`` keeps following ``.train()``/``.eval()``.
+        self.mode_arg = mode_arg  # the last of _PLAN_ATTRS: runs _refresh_plan
+
+    #: ``call`` where ``forward`` passes its inputs straight to it, else None (an instance
+    #: attribute set by ``_refresh_plan``; this class default serves older pickles).
+    _run = None
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _PLAN_ATTRS and all(attr in self.__dict__ for attr in _PLAN_ATTRS):
+            self._refresh_plan()
+
+    def _refresh_plan(self) -> None:
+        """Decides, from ``call``, ``args``, ``kwargs`` and ``mode_arg``, how ``forward``
+        fills the call; re-run whenever one of them is assigned."""
         self._plan, self._slots = _plan(self.args, self.kwargs)
         if self.args is None and self.pack_inputs:
             self._plan = _PACK
+        call = self.call
+        direct = self._plan == _DIRECT and self.mode_arg is None and not isinstance(call, str)
+        self.__dict__["_run"] = call if direct else None
         self.inplace = (call in self.inplace_calls) or (isinstance(call, str) and call.endswith("_") and not call.endswith("__"))
-        #: the argument (keyword name or position) that is ``self.training`` at call time:
-        #: ``F.dropout(x, p, training=self.training)`` keeps following ``.train()``/``.eval()``.
-        self.mode_arg = mode_arg
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if all(attr in self.__dict__ for attr in _PLAN_ATTRS):
+            self._refresh_plan()
+
+    def __call__(self, *args, **kwargs):
+        # ``nn.Module.__call__`` minus its Python frames while nothing can tell the
+        # difference: its own no-hook checks, plus no patched ``nn.Module.__call__`` (fx
+        # tracing), no jit trace, no compiled call, and ``forward`` neither overridden nor
+        # patched, so that calling the op is what ``forward`` would do.
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or self._compiled_call_impl is not None or not call_is_plain()):
+            return nn.Module.__call__(self, *args, **kwargs)
+        run = self._run
+        if (run is not None and not kwargs and not self.kwargs and type(self).forward is _FORWARD
+                and "forward" not in self.__dict__):
+            return run(*args)
+        return self.forward(*args, **kwargs)
 
     def forward(self, *inputs):
+        run = self._run
+        if run is not None and not self.kwargs:
+            return run(*inputs)
         plan = self._plan
         if plan == _DIRECT:
             args, kwargs = inputs, self.kwargs
@@ -127,6 +174,9 @@ class TensorOp(nn.Module):
         if self.mode_arg is not None:
             parts.append(f"{self.mode_arg if isinstance(self.mode_arg, str) else 'arg' + str(self.mode_arg)}=self.training")
         return ", ".join(parts)
+
+
+_FORWARD = TensorOp.forward
 
 
 def _inplace_ops(*names: str) -> frozenset:

@@ -33,9 +33,14 @@ B in {1, 4}, (input, hidden) in {(16, 16), (32, 64), (128, 128)}, 1 layer or 2
 bidirectional; 4.2e-7 for T=32, B=8, I=H=128 and 5.4e-7 for T=64, B=16, I=H=256, 2 layers
 (in ``c_n``). The tests assert it stays under :data:`ONEDNN_LSTM_ATOL` = 1e-6.
 
-The layers call the gate ops' ``forward`` directly, skipping ``nn.Module.__call__``, while
-no hook, jit trace or patched ``__call__`` could tell (see :func:`_direct_calls`); with a
-hook on any gate op every call goes through ``__call__``.
+Speed. The layers project a whole sequence with one ``input_linear`` call, then, while no
+hook, trace or compiler could tell, call the op each gate module makes (``torch.sigmoid``,
+``operator.mul``, ``F.linear`` with the module's weight) instead of the module, skipping
+``nn.Module.__call__`` (see :func:`_direct_calls`). With a hook on any gate op, a global
+hook, fx/jit tracing, dynamo or export, every call goes through ``__call__``; a gate op
+replaced by another module, or a patched ``forward``, is called as such. The remaining cost
+over ATen's native kernel is that of calling ~12 small out-of-place ops per step from
+Python (``benchmarks/bench_rnn.py``).
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from ..core._compat import has_call_hooks, plain_calls_allowed
 from ..core.aliases import hide_aliases
+from .base import TensorOp
 from .rnn_cells import ModularGRUCell, ModularLSTMCell, ModularRNNCell, _check_not_parametrized, _describe, _ModularCell
 from .rnn_cells import _cell_call_args, _cell_result  # noqa: F401  (fx-wrapped cell helpers, importable from here)
 
@@ -65,24 +72,58 @@ ONEDNN_LSTM_ATOL = 1e-6
 # ----------------------------------------------------------------------------- layer
 def _unobserved(module: nn.Module) -> bool:
     """Whether calling ``module.forward`` is indistinguishable from calling ``module``:
-    nothing hooks into ``nn.Module.__call__`` for it and its class keeps that ``__call__``."""
-    return not (has_call_hooks(module) or type(module).__call__ is not nn.Module.__call__)
+    nothing hooks into its ``__call__`` and its class keeps ``nn.Module``'s (or
+    :class:`TensorOp`'s, which only skips frames) ``__call__``."""
+    return not has_call_hooks(module) and type(module).__call__ in _PLAIN_CALLS
+
+
+_PLAIN_CALLS = (nn.Module.__call__, TensorOp.__call__)
+#: module types whose ``forward`` is exactly ``fn(input)``.
+_UNARY_FORWARD = {nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh}
+
+
+def _linear(module: nn.Linear):
+    weight, bias = module.weight, module.bias
+
+    def linear(input):
+        return F.linear(input, weight, bias)
+    return linear
+
+
+def _plain_forward(module: nn.Module):
+    """What ``module.forward(*inputs)`` calls, bound to the module's current state: the op
+    itself for a gate op whose class ``forward`` is known (``nn.Sigmoid`` -> ``torch.sigmoid``,
+    a wrapper -> ``operator.add``, ``nn.Linear`` -> ``F.linear`` with its weight); else the
+    bound ``forward``. Same call, same arguments, fewer Python frames."""
+    if "forward" in module.__dict__:  # an instance-level forward (patched by a tool)
+        return module.forward
+    cls = type(module)
+    if cls in _UNARY_FORWARD:
+        return _UNARY_FORWARD[cls]
+    if cls is nn.Linear:
+        return _linear(module)
+    if isinstance(module, TensorOp) and cls.forward is TensorOp.forward and not module.kwargs and module._run is not None:
+        return module._run
+    return module.forward
 
 
 def _direct_calls(cell: nn.Module):
-    """The cell's ops for one sequence: their bound ``forward`` methods where that is unobservable.
+    """The cell's ops for one sequence: plain callables (:func:`_plain_forward`) where that
+    is unobservable, else the cell itself, whose ops are then called as modules.
 
-    A step makes ~12 module calls; skipping ``nn.Module.__call__`` roughly halves the Python
-    overhead per step. Any hook, jit trace or patched ``__call__`` turns this off, so
-    observers and fake-quant hooks see every call.
+    A step makes ~12 module calls; ``nn.Module.__call__`` and the ops' ``forward`` frames
+    would cost more Python time than the small ops themselves. Any hook (on a gate op or
+    global), jit or fx tracing, dynamo or export turns this off, so observers and fake-quant
+    hooks see every call. The callables are built per sequence: a module replaced
+    (``cell.input_gate = ...``), hooked or given new weights between calls is seen by the
+    next call. (Within a sequence nothing can change them: no user code runs there.)
     """
     if not plain_calls_allowed():
         return cell
-    children = dict(cell.named_children())
-    if not all(_unobserved(m) for m in children.values() if m is not None):
+    children = {name: m for name, m in cell._modules.items() if m is not None}
+    if not all(_unobserved(m) for m in children.values()):
         return cell
-    return SimpleNamespace(**{name: m.forward for name, m in children.items() if m is not None})
-
+    return SimpleNamespace(**{name: _plain_forward(m) for name, m in children.items()})
 
 
 class ModularRecurrentLayer(nn.Module):

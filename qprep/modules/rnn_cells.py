@@ -259,8 +259,8 @@ class ModularGRUCell(_ModularCell):
         ops = self if ops is None else ops
         (h,) = state
         sizes = [2 * self.hidden_size, self.hidden_size]
-        i_rz, i_n = input_gates.split(sizes, 1)
-        h_rz, h_n = ops.hidden_linear(h).split(sizes, 1)
+        i_rz, i_n = input_gates.split_with_sizes(sizes, 1)
+        h_rz, h_n = ops.hidden_linear(h).split_with_sizes(sizes, 1)
         r, z = ops.gates_add(h_rz, i_rz).chunk(2, 1)
         r, z = ops.reset_gate(r), ops.update_gate(z)
         n = ops.candidate(ops.candidate_add(i_n, ops.reset_product(h_n, r)))
