@@ -53,12 +53,14 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
 
 def plain_calls_allowed() -> bool:
     """Whether calling modules' ``forward`` directly, skipping ``nn.Module.__call__``, is
-    unobservable process-wide: no ``torch.jit.trace`` running, no global module hooks
+    unobservable process-wide: no ``torch.jit.trace`` running, no ``torch.compile`` capture
+    (dynamo cannot trace the namespace of bound methods), no global module hooks
     (``register_module_forward_hook`` & co) and ``nn.Module.__call__`` not patched (as
     ``torch.fx`` tracing does). Per-module state: :func:`has_call_hooks`."""
     hooks = torch.nn.modules.module
     return not (
         torch._C._get_tracing_state() is not None  # noqa: SLF001
+        or torch.compiler.is_compiling()
         or torch.nn.Module.__call__ is not _MODULE_CALL
         or hooks._global_forward_hooks or hooks._global_forward_pre_hooks  # noqa: SLF001
         or hooks._global_backward_hooks or hooks._global_backward_pre_hooks  # noqa: SLF001
