@@ -396,7 +396,7 @@ class QprepTracer(torch.fx.Tracer):
         if not isinstance(value, (torch.Tensor, list, tuple)):
             raise ConcreteValueError(f"cannot iterate over `{describe(node)}` ({type(value).__name__}) while tracing")
         count = len(value)
-        if node.op != "call_module":  # a module's output structure is fixed by its code
+        if not _module_output(node):  # a module's output structure is fixed by its code
             location, code = _here(2)
             self.guards.record(node, "len", count, location, code)
         return iter([proxy[i] for i in range(count)])
@@ -512,6 +512,13 @@ def _own(fn: Any) -> bool:
     """torch.fx's and qprep's own wrapped functions (``check_guard``) stay calls."""
     return str(getattr(fn, "__module__", "")).startswith(("torch.fx", "qprep."))
 _READS = (operator.getitem, builtins.getattr)
+
+
+def _module_output(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a module call's output or a part of one (``out[1]`` of an LSTM)."""
+    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node.op == "call_module"
 
 
 def _reads(node: torch.fx.Node) -> bool:
