@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import dis
 import functools
+import inspect
 import linecache
 import operator
 import os
@@ -54,6 +56,7 @@ from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
 from .guards import GuardRecorder, describe, insert_guards, reads_metadata_only
+from .integrations import runtime_classes
 from .proxy import QprepProxy
 from .values import UNKNOWN, Values, value_of
 
@@ -79,9 +82,10 @@ _EXAMPLES = os.path.join(_QPREP_DIR, "examples.py")
 # Containers: never leaves.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-#: Tensor factories recorded as calls when a size is traced (``torch.ones(t, t)``).
+#: Tensor factories recorded as calls when a size is traced (``torch.ones(t, t)``), and the
+#: dtype queries code applies to a traced dtype (``torch.finfo(x.dtype).min``).
 FACTORIES = ("ones", "zeros", "empty", "full", "eye", "arange", "linspace", "logspace", "tensor", "as_tensor",
-             "scalar_tensor", "empty_strided", "tril_indices", "triu_indices")
+             "scalar_tensor", "empty_strided", "tril_indices", "triu_indices", "finfo", "iinfo")
 #: Random factories: always recorded as calls, so each run draws its own numbers.
 RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
                     "rand_like", "randn_like", "randint_like")
@@ -210,10 +214,32 @@ class QprepTracer(torch.fx.Tracer):
             self._install_wrappers(patcher)
             self._shadow_len(getattr(type(root), "forward", None))
             try:
-                with self._tracing_into_wrapped_functions(patcher):
+                with self._tracing_into_wrapped_functions(patcher), self._runtime_construction():
                     return super().trace(root, concrete_args)
             finally:
                 self._patcher = None
+
+    @contextlib.contextmanager
+    def _runtime_construction(self) -> Iterator[None]:
+        """Classes whose objects ``forward`` creates and updates (a Hugging Face KV cache) are
+        made when the prepared model runs: for this trace, the names that refer to them in the
+        library's modules refer to a stand-in whose construction is recorded as a call, and
+        which ``isinstance`` and ``issubclass`` treat as the class itself. (Patching the
+        class's own ``__new__`` cannot be undone cleanly in CPython.)"""
+        bases = runtime_classes()
+        if bases:
+            stand_ins: dict[type, type] = {}
+            for module in list(sys.modules.values()):
+                namespace = getattr(module, "__dict__", None)
+                if not isinstance(namespace, dict) or not str(namespace.get("__name__", "")).startswith(
+                        tuple(b.__module__.split(".")[0] + "." for b in bases)):
+                    continue
+                for name, value in list(namespace.items()):
+                    if isinstance(value, type) and issubclass(value, bases) and not name.startswith("__"):
+                        if value not in stand_ins:
+                            stand_ins[value] = self._recorded_class(value)
+                        self._patcher.patch(namespace, name, stand_ins[value])
+        yield
 
     def _install_wrappers(self, patcher) -> None:
         for name in FACTORIES + RANDOM_FACTORIES:
@@ -222,6 +248,25 @@ class QprepTracer(torch.fx.Tracer):
                 patcher.patch(torch.__dict__, name, self._recorded(fn, always=name in RANDOM_FACTORIES))
         for fn in PACKING:
             patcher.patch(rnn_utils.__dict__, fn.__name__, self._recorded(fn, always=False))
+
+    def _recorded_class(self, real: type) -> type:
+        tracer = self
+
+        class Meta(type(real)):
+            def __instancecheck__(cls, obj):
+                return isinstance(obj, real)
+
+            def __subclasscheck__(cls, sub):
+                return issubclass(sub, real)
+
+        def new(klass, *args, **kwargs):
+            if tracer.recording():
+                return tracer.create_proxy("call_function", real, args, kwargs)
+            return real(*args, **kwargs)  # not an instance of the stand-in: __init__ does not run again
+
+        return Meta(real.__name__, (real,), {"__new__": new, "__module__": real.__module__,
+                                            "__qualname__": real.__qualname__})
+
 
     @contextlib.contextmanager
     def _tracing_into_wrapped_functions(self, patcher) -> Iterator[None]:
@@ -293,6 +338,51 @@ class QprepTracer(torch.fx.Tracer):
 
         self._patcher.patch(namespace, "len", traced_len)
 
+    # -- the root's arguments -------------------------------------------------------------
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """One placeholder per parameter of ``forward``'s signature (``inspect.signature``
+        follows ``functools.wraps``, so a decorated ``forward(*args, **kwargs)`` wrapper, as
+        Hugging Face's are, shows its real parameters), and a call of ``forward`` by
+        keyword. A parameter fixed at trace time (``concrete_args``, or a default the
+        example leaves out) keeps its placeholder, with that value as default, and a guard:
+        a call that passes another value is refused."""
+        if not is_module:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        root = self.root
+        fixed = dict(concrete_args or {})
+        positional, keywords, star, starstar = [], {}, None, None
+        for p in inspect.signature(root.forward).parameters.values():
+            if p.kind == p.VAR_POSITIONAL:
+                star = self.create_proxy("placeholder", f"*{p.name}", (), {})
+            elif p.kind == p.VAR_KEYWORD:
+                if self.examples and self.examples.get(p.name):
+                    starstar = self.create_proxy("placeholder", f"**{p.name}", (), {})
+            elif p.name in fixed:
+                keywords[p.name] = self._fixed_placeholder(p.name, fixed[p.name])
+            else:
+                default = () if p.default is p.empty or not _simple_constant(p.default) else (p.default,)
+                value = self.create_proxy("placeholder", p.name, default, {})
+                if p.kind == p.POSITIONAL_ONLY:
+                    positional.append(value)
+                else:
+                    keywords[p.name] = value
+        forward = type(root).forward
+
+        def call(*_):
+            return forward(root, *positional, *(star if star is not None else ()), **keywords,
+                           **(starstar if starstar is not None else {}))
+
+        return call, []
+
+    def _fixed_placeholder(self, name: str, value: Any) -> Any:
+        """The placeholder of an argument fixed to ``value``; returns ``value`` itself."""
+        if not _simple_constant(value):  # a tensor or an object: fixed, and not an argument any more
+            return value
+        node = self.create_proxy("placeholder", name, (value,), {}).node
+        how = "is_none" if value is None else "value"
+        self.guards.record(node, how, True if value is None else value, "argument fixed at trace time", "")
+        return value
+
     # -- proxies, nodes, values ---------------------------------------------------------
     def proxy(self, node: torch.fx.Node) -> QprepProxy:
         return QprepProxy(node, self)
@@ -320,7 +410,18 @@ class QprepTracer(torch.fx.Tracer):
         if isinstance(a, dict) and hasattr(a, "to_tuple") and type(a) is not dict:  # a Hugging Face ModelOutput
             fields = {k: self.create_arg(v) for k, v in a.items()}
             return self.create_node("call_function", type(a), (), fields)
-        return super().create_arg(a)
+        if dataclasses.is_dataclass(a) and not isinstance(a, type) and not tree_any(
+                [getattr(a, f.name, None) for f in dataclasses.fields(a)], _is_proxy):
+            return self._constant(a)  # a config object passed along: a constant, not rebuilt per call
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:  # an object fx has no form for: held by the module, read by get_attr
+            return self._constant(a)
+
+    def _constant(self, value: Any) -> torch.fx.Node:
+        name = self.get_fresh_qualname("_qprep_constant")
+        setattr(self.root, name, value)
+        return self.create_node("get_attr", name, (), {})
 
     def attribute(self, proxy: torch.fx.Proxy, name: str) -> Any:
         """``proxy.name``: a method is called later (fx's lazy ``Attribute``); any other
@@ -512,6 +613,11 @@ def _own(fn: Any) -> bool:
     """torch.fx's and qprep's own wrapped functions (``check_guard``) stay calls."""
     return str(getattr(fn, "__module__", "")).startswith(("torch.fx", "qprep."))
 _READS = (operator.getitem, builtins.getattr)
+
+
+def _simple_constant(value: Any) -> bool:
+    """Whether ``value`` can be a placeholder's default in generated code."""
+    return value is None or type(value) in (bool, int, float, str)
 
 
 def _module_output(node: torch.fx.Node) -> bool:

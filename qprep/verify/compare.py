@@ -138,16 +138,34 @@ def leaves(value: Any, path: str = "output") -> list[tuple[str, Any]]:
     return [leaf for suffix, child in children for leaf in leaves(child, path + suffix)]
 
 
-def compare(a: Any, b: Any, path: str = "output") -> list[OutputCheck]:
-    """Compare two output structures: containers by type and keys, leaves with ``torch.equal``."""
+def compare(a: Any, b: Any, path: str = "output", depth: int = 0) -> list[OutputCheck]:
+    """Compare two output structures: containers by type and keys, leaves with ``torch.equal``;
+    other objects of one type (a Hugging Face KV cache) by ``==``, else attribute by attribute."""
     left, right = _fields(a), _fields(b)
     if left is None and right is None:
+        if _by_attributes(a, b) and depth < 8:
+            left = [(f".{k}", v) for k, v in sorted(vars(a).items())]
+            right = [(f".{k}", v) for k, v in sorted(vars(b).items())]
+            if [k for k, _ in left] != [k for k, _ in right]:
+                return [OutputCheck(path, False, math.inf, note="attributes differ")]
+            return [c for (suffix, x), (_, y) in zip(left, right) for c in compare(x, y, path + suffix, depth + 1)]
         return [_check(path, a, b)]
     if type(a) is not type(b):
         return [OutputCheck(path, False, math.inf, note=f"type differs: {_type_name(a)} vs {_type_name(b)}")]
     if [k for k, _ in left] != [k for k, _ in right]:
         return [OutputCheck(path, False, math.inf, note=f"keys differ: {[k for k, _ in left]} vs {[k for k, _ in right]}")]
-    return [check for (suffix, x), (_, y) in zip(left, right) for check in compare(x, y, path + suffix)]
+    return [check for (suffix, x), (_, y) in zip(left, right) for check in compare(x, y, path + suffix, depth + 1)]
+
+
+def _by_attributes(a: Any, b: Any) -> bool:
+    """Whether two objects of one class that are not equal by ``==`` (identity, for most) are
+    compared attribute by attribute: plain objects with a ``__dict__``, not modules or types."""
+    if type(a) is not type(b) or isinstance(a, (torch.Tensor, nn.Module, type)) or not hasattr(a, "__dict__"):
+        return False
+    try:
+        return not bool(a == b)
+    except Exception:  # noqa: BLE001  (an == that does not give a bool)
+        return True
 
 
 def _type_name(value: Any) -> str:
