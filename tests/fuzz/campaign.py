@@ -21,10 +21,11 @@ __all__ = ["Campaign", "run", "quiet", "report_failure", "is_failure"]
 
 def is_failure(outcome: Outcome, known: Iterable[str] = ()) -> bool:
     """Whether ``outcome`` fails the fuzz test: a failure, an invalid program (a generator
-    bug), or a fused-kernel bound exceeded while that finding is not switched off."""
+    bug), or an equal outcome with a signature (``kernel_bound``, ...) whose finding is not
+    listed as known."""
     if outcome.verdict in (FAILURE, INVALID):
         return True
-    return bool(outcome.bound_exceeded) and "kernel_bound" not in set(known)
+    return bool(set(outcome.signatures) - set(known))
 
 
 @dataclasses.dataclass
@@ -97,7 +98,7 @@ def report_failure(program: Program, outcome: Outcome, directory: Path | str, sh
     smallest program that still fails the same way."""
     lines = [
         f"=== seed {program.seed}: {outcome.label} at {outcome.stage} ===",
-        outcome.detail or outcome.bound_exceeded,
+        outcome.detail or "\n".join(outcome.signatures.values()),
         f"replay: python -m tests.fuzz {program.seed} --minimize   (or QPREP_FUZZ_SEEDS={program.seed} "
         "python -m pytest tests/test_fuzz.py -q)",
         f"features: {', '.join(sorted(program.features))}",
@@ -110,7 +111,7 @@ def report_failure(program: Program, outcome: Outcome, directory: Path | str, sh
         def same_failure(o: Outcome) -> bool:
             o_first = (o.detail or "").splitlines()[0] if o.detail else ""
             return o.verdict == outcome.verdict and o_first.split(":")[0] == first_line.split(":")[0] \
-                and bool(o.bound_exceeded) == bool(outcome.bound_exceeded)
+                and set(o.signatures) == set(outcome.signatures)
 
         with quiet():
             smallest = minimize(program, directory, same_failure)

@@ -34,6 +34,7 @@ import dataclasses
 import importlib.util
 import math
 import random
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -57,7 +58,8 @@ FEATURES = frozenset({
     "inplace_alias", "inplace_method", "inplace_view", "inplace_functional", "out_kwarg", "shape_read", "reshape",
     "reduction", "matmul", "cat", "conv", "pool", "norm", "comparison", "dtype", "item", "helper", "helper_tuple",
     "recurrent", "attention", "transformer", "embedding", "training_branch", "training_constant",
-    "dropout_not_training", "inplace_alpha_dropout",
+    "dropout_not_training", "inplace_alpha_dropout", "inplace_attribute", "default_container", "default_callable",
+    "buffer_update", "buffer_assign", "grad_mode", "tensor_constant",
     "container_in", "unpack_in", "dict_in", "none_in", "default_arg", "ids_in",
     "container_out", "namedtuple_out", "nested_out", "int_out", "none_out", "input_out", "return_types_out",
     *UNTRACEABLE_FEATURES,
@@ -267,6 +269,10 @@ class Program:
 # Generation
 # ----------------------------------------------------------------------------------------
 
+_ATTRIBUTE = re.compile(r"\.(values|indices|mT|mH|T|H|data|real)$")  # an attribute read, not a call
+# A tensor factory called with constants only: traced, it becomes a `_tensor_constant` attribute.
+_CONSTANT_FACTORY = re.compile(r"torch\.(tensor|arange|linspace|ones|zeros|full|eye)\(([^()]*)\)")
+_VALUE_NAME = re.compile(r"\b(t\d+|x|y|ids|pair|items|feats|mask|self)\b")
 _MAX_NUMEL = 384  # per sample: keeps programs fast
 _MAX_DIM = 32
 _BATCHES = (2, 3)  # dummy runs: batch 2 in train mode, batch 3 in eval mode
@@ -288,6 +294,7 @@ class _Candidate:
     features: set[str]
     pool: tuple[str, ...] = ()  # defined names that become pool values (batch-leading float tensors)
     untraceable: bool = False
+    attribute: tuple[str, ...] = ()  # names bound to an attribute read (`x.mT`, `.values`): torch.fx Attribute proxies
 
 
 class _Rejected(Exception):
@@ -304,6 +311,8 @@ class _Builder:
         self.helpers: list[str] = []
         self.body: list[Stmt] = []
         self.pool: list[str] = []
+        self.attribute_vars: set[str] = set()
+        self.default_use = ("", "")
         self.ids: str | None = None  # name of the integer ids input
         self.counter = 0
         self.modules: dict[str, list[str]] = {}  # constructor source -> attribute names
@@ -421,6 +430,10 @@ class _Builder:
         """Run ``cand`` on the dummy inputs; keep it if it runs and its values are valid."""
         if cand is None:
             return False
+        if any(not _VALUE_NAME.search(m.group(2)) for line in cand.lines for m in _CONSTANT_FACTORY.finditer(line)):
+            if not self.ok("tensor_constant"):
+                return False
+            cand.features.add("tensor_constant")
         stmt = Stmt(tuple(cand.lines), frozenset(cand.features), cand.pool, cand.untraceable)
         try:
             new = [name for name in self.attrs if name not in self.materialized]
@@ -433,6 +446,7 @@ class _Builder:
             return False
         self.body.append(stmt)
         self.pool += [n for n in cand.pool if n not in self.pool]
+        self.attribute_vars.update(cand.attribute)
         return True
 
     # -- inputs -------------------------------------------------------------------------
@@ -465,7 +479,9 @@ class _Builder:
         elif second == "optional":
             specs.append(InputSpec("mask", "none"))
         elif second == "default":
-            specs.append(InputSpec("scale", "default", default=self.choice(["0.5", "2.0", "-1.0"])))
+            name, default, use, feature = self.choice(self._defaults())
+            specs.append(InputSpec(name, "default", default=default))
+            self.default_use = (use, feature)
         self.specs = tuple(specs)
         self._reset_envs()
         if second in ("tuple", "list", "dict"):
@@ -480,6 +496,23 @@ class _Builder:
                 lines, feats = (f"{a} = {name}[0]", f"{b} = {name}[-1]"), {"container_in"}
             self.try_add(_Candidate(lines, feats, (a, b)))
         return tuple(specs)
+
+    def _defaults(self) -> list[tuple[str, str, str, str]]:
+        """(parameter, default source, use with {v} and {t}, feature) for a parameter left to its default."""
+        forms = [("scale", "0.5", "{t} = {v} * scale + scale", "default_arg"),
+                 ("scale", "-1.0", "{t} = {v} * scale + scale", "default_arg"),
+                 ("k", "2", "{t} = {v} * k", "default_arg"),
+                 ("flag", "True", "{t} = {v} * 2.0 if flag else {v}", "default_arg"),
+                 ("mode", "'tanh'", "{t} = F.gelu({v}, approximate=mode)", "default_arg"),
+                 ("dtype", "torch.float64", "{t} = {v}.to(dtype).sigmoid().float()", "default_arg")]
+        if self.ok("default_container"):
+            forms += [("dims", "(-1,)", "{t} = {v}.sum(dims, keepdim=True)", "default_container"),
+                      ("scales", "[0.5, 2.0]", "{t} = {v} * scales[0] + scales[1]", "default_container"),
+                      ("cfg", "{'a': 0.5}", "{t} = {v} * cfg['a']", "default_container")]
+        if self.ok("default_callable"):
+            forms += [("act", "F.relu", "{t} = act({v})", "default_callable"),
+                      ("act", "torch.tanh", "{t} = act({v}) + {v}", "default_callable")]
+        return forms
 
     # -- statement kinds ----------------------------------------------------------------
     def s_unary(self) -> _Candidate | None:
@@ -673,12 +706,16 @@ class _Builder:
         w = self.partner(v, other_storage=True) if self.rng.random() < 0.5 else None
         t = self.fresh()
         kind = self.choice(["alias", "alias", "method", "functional", "view"])
+        attribute = v in self.attribute_vars  # `v = x.mT`: a torch.fx Attribute proxy when traced
         if kind == "alias" and self.ok("inplace_alias"):
+            if attribute and not self.ok("inplace_attribute"):
+                return None
             op = self.choice(["+=", "-=", "*=", "/="])
             rhs = w if w is not None else self.choice(["1.0", "0.5", "2"])
             if op in ("*=", "/=") and w is not None:
                 rhs = f"({w}.sigmoid() + 0.5)"
-            return _Candidate((f"{t} = {v}", f"{t} {op} {rhs}"), {"inplace_alias", "operator"}, (t,))
+            feats = {"inplace_alias", "operator"} | ({"inplace_attribute"} if attribute else set())
+            return _Candidate((f"{t} = {v}", f"{t} {op} {rhs}"), feats, (t,))
         if kind == "method" and self.ok("inplace_method"):
             forms = [f"{v}.add_(1.0)", f"{v}.mul_(0.5)", f"{v}.clamp_(-1.0, 1.0)", f"{v}.relu_()", f"{v}.sigmoid_()",
                      f"torch.relu_({v})", f"{v}.masked_fill_({v} > 1.0, 1.0)", f"{v}.tanh_()", f"{v}.abs_()",
@@ -689,8 +726,9 @@ class _Builder:
                 forms += [f"{v}.add_({w}, alpha=2)", f"{v}.mul_({w})", f"{v}.sub_({w})", f"{v}.copy_({w})",
                           f"{v}.addcmul_({w}, {w}, value=0.5)", f"{v}.lerp_({w}, 0.5)", f"{v}.clamp_(max={w})"]
             expr = self.choice(forms)
-            lines = (f"{t} = {expr}",) if self.rng.random() < 0.5 else (expr, f"{t} = {v}")
-            return _Candidate(lines, {"inplace_method"}, (t,))
+            if self.rng.random() < 0.5:
+                return _Candidate((f"{t} = {expr}",), {"inplace_method"}, (t,))
+            return _Candidate((expr, f"{t} = {v}"), {"inplace_method"}, (t,), attribute=(t,) if attribute else ())
         if kind == "functional" and self.ok("inplace_functional"):
             if self.rng.random() < 0.3 and self.ok("module"):
                 mod, feats = self.module("act_ip", self.choice(["nn.ReLU(inplace=True)", "nn.Hardtanh(inplace=True)",
@@ -719,14 +757,19 @@ class _Builder:
             views = [f"{v}.narrow(-1, 0, {max(1, self.shape(v)[-1] // 2)})", f"{v}.unsqueeze(1)", f"{v}[:, 0]",
                      f"{v}.transpose(1, -1)", f"{v}.view({v}.size(0), -1)", f"{v}[:, 1:]", f"{v}.flatten(1)",
                      f"torch.flatten({v}, 1)", f"{v}[..., ::2]", f"{v}.select(1, 0)", f"{v}.chunk(2, dim=1)[0]",
-                     f"{v}.detach()", f"{v}.view_as({v})", f"{v}.reshape(-1)", f"{v}.t()" if len(self.shape(v)) == 1
+                     f"{v}.detach()", f"{v}.view_as({v})", f"{v}.reshape(-1)", f"{v}.mT", f"{v}.data", f"{v}.real", f"{v}.t()" if len(self.shape(v)) == 1
                      else f"{v}.movedim(1, -1)", f"{v}.squeeze(-1)" if self.shape(v)[-1] == 1 else f"{v}.unflatten(1, ({self.shape(v)[0]}, 1))"]
             view = self.choice(views)
             op = self.choice([f"{t}.mul_(2.0)", f"{t} += 1.0", f"{t}.zero_()", f"{t}.clamp_(max=0.5)", f"{t}.sub_(0.25)",
-                              f"{t}.relu_()", f"F.relu({t}, inplace=True)", f"{t}.copy_({t}.tanh())"])
+                              f"{t}.relu_()", f"F.relu({t}, inplace=True)", f"{t}.copy_({t}.tanh())", f"{t} *= 0.5"])
+            feats = {"inplace_view"}
+            if _ATTRIBUTE.search(view) and "=" in op.split("(")[0]:
+                if not self.ok("inplace_attribute"):
+                    return None
+                feats.add("inplace_attribute")
             # the view is temporary (it may not be batch-leading); the modified base is the value
             u = self.fresh()
-            return _Candidate((f"{t} = {view}", op, f"{u} = {v}"), {"inplace_view"}, (u,))
+            return _Candidate((f"{t} = {view}", op, f"{u} = {v}"), feats, (u,), attribute=(u,) if attribute else ())
         return None
 
     def s_shape(self) -> _Candidate | None:
@@ -764,11 +807,13 @@ class _Builder:
             ({"reshape", "method"}, f"{v}.sort(dim=-1).values"), ({"reshape", "torch_fn"}, f"torch.topk({v}, 2).values"),
             ({"reshape", "method"}, f"{v}.cummax(1)[0]"), ({"reshape", "torch_fn"}, f"torch.diff({v}, dim=-1)"),
             ({"reshape", "torch_fn"}, f"torch.einsum('bi...,bj...->bij', {v}, {v})"),
+            ({"reshape"}, f"{v}.mT"), ({"reshape"}, f"{v}.data"), ({"reshape"}, f"{v}.real"),
+            ({"reduction", "method"}, f"{v}.max(-1, keepdim=True).values"),
         ]
         if self.ids is not None and self.ok("ids_in"):
             forms.append(({"reshape", "ids_in"}, f"{v}[:, {self.ids}[0] % {shape[0]}]"))
         feats, expr = self.choice([f for f in forms if all(self.ok(x) for x in f[0])])
-        return _Candidate((f"{t} = {expr}",), feats, (t,))
+        return _Candidate((f"{t} = {expr}",), feats, (t,), attribute=(t,) if _ATTRIBUTE.search(expr) else ())
 
     def s_shape_read(self) -> _Candidate | None:
         if not self.ok("shape_read"):
@@ -1122,6 +1167,47 @@ class _Builder:
             return _Candidate((f"{t} = {mod}({v})",), mfeats | {"dropout"}, (t,))
         return _Candidate((f"{t} = {self.choice(forms)}",), feats, (t,))
 
+    def s_buffer_update(self) -> _Candidate | None:
+        """A forward that updates the model's buffers (running averages, step counters)."""
+        if not self.ok("buffer_update"):
+            return None
+        v = self.pick()
+        shape = self.shape(v)
+        t = self.fresh()
+        kind = self.rng.randrange(5)
+        feats = {"buffer_update"}
+        if kind == 0:
+            ema = self.buffer("ema", f"torch.zeros{tuple(shape)!r}")
+            lines = (f"{ema}.mul_(0.9).add_({v}.detach().mean(0), alpha=0.1)", f"{t} = {v} - {ema}")
+        elif kind == 1:
+            steps = self.buffer("steps", "torch.zeros(())")
+            lines = (f"{steps}.add_(1)", f"{t} = {v} * {steps}")
+        elif kind == 2:
+            last = self.buffer("last", f"torch.zeros{tuple(shape)!r}")
+            lines = (f"{t} = {v} + {last}", f"{last}.copy_({v}.detach()[0])")
+        elif not self.ok("buffer_assign"):
+            return None
+        elif kind == 3:  # augmented assignment to the attribute: in place, then rebound
+            steps = self.buffer("steps", "torch.zeros(())")
+            lines = (f"{steps} += 1", f"{t} = {v} * {steps}")
+            feats.add("buffer_assign")
+        else:  # the buffer rebound to a new tensor
+            ema = self.buffer("ema", f"torch.zeros{tuple(shape)!r}")
+            lines = (f"{ema} = {ema} * 0.9 + {v}.detach().mean(0) * 0.1", f"{t} = {v} - {ema}")
+            feats.add("buffer_assign")
+        return _Candidate(lines, feats, (t,))
+
+    def s_grad_mode(self) -> _Candidate | None:
+        """Grad-mode context managers inside ``forward``."""
+        if not self.ok("grad_mode"):
+            return None
+        v = self.pick()
+        t = self.fresh()
+        lines = self.choice([("with torch.no_grad():", f"    {t} = {v} * 2.0"),
+                             ("with torch.set_grad_enabled(False):", f"    {t} = {v}.sigmoid() + {v}"),
+                             ("with torch.no_grad():", f"    {t} = F.relu({v})", f"{t} = {t} + {v}")])
+        return _Candidate(lines, {"grad_mode"}, (t,))
+
     def s_item(self) -> _Candidate | None:
         if not self.ok("item"):
             return None
@@ -1151,8 +1237,8 @@ class _Builder:
             m = names["none"]
             return _Candidate((f"{t} = {v}", f"if {m} is not None:", f"    {t} = {t} * {m}"), {"none_in"}, (t,))
         if "default" in names:
-            s = names["default"]
-            return _Candidate((f"{t} = {v} * {s} + {s}",), {"default_arg"}, (t,))
+            use, feature = self.default_use
+            return _Candidate((use.format(v=v, t=t),), {"default_arg", feature}, (t,))
         return None
 
     def s_training_branch(self) -> _Candidate | None:
@@ -1268,7 +1354,8 @@ class _Builder:
             (self.s_shape_read, 0.7), (self.s_cat, 0.8), (self.s_linear, 2.0), (self.s_norm, 1.2),
             (self.s_conv, 1.0), (self.s_functional_args, 1.5), (self.s_dropout, 0.8), (self.s_item, 0.2),
             (self.s_mixer, 0.3), (self.s_training_branch, 0.4), (self.s_param_operand, 0.8), (self.s_out_kwarg, 0.2),
-            (self.s_recurrent, 0.7), (self.s_embedding, 1.5), (self.s_optional, 1.0),
+            (self.s_recurrent, 0.7), (self.s_embedding, 1.5), (self.s_optional, 1.0), (self.s_buffer_update, 0.3),
+            (self.s_grad_mode, 0.2),
         ]
         n = self.rng.randint(3, 10)
         untraceable_at = self.rng.randrange(n) if self.rng.random() < self.untraceable_rate else -1
