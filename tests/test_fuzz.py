@@ -69,6 +69,9 @@ KNOWN_FINDINGS = {
                  "outputs equal)",
     "buffer_assign": "F9: assigning a buffer in forward (`self.steps += 1`, `self.ema = self.ema * 0.9 + ...`) "
                      "fails with an internal PassError from expand_rnns that names no line",
+    "leaf_attribute": "F10: with on_untraceable='leaf', a value read as an attribute (`x.mT`, `.data`) and first "
+                      "used inside the untraceable submodule loses its graph node in the rollback: a raw "
+                      "RuntimeError ('used before it has been defined'), not a QprepError",
     "kernel_bound": "F4: verify bounds the fused-kernel difference at the model's outputs, so arithmetic after "
                     "a fused module amplifies a legitimate difference past the bound: NotEquivalentError "
                     "although the prepared model is bitwise equal on the unfused kernels",
@@ -376,6 +379,31 @@ def test_finding_f9_buffer_assignment_fails_inside_a_pass():
         assert "test_fuzz.py" in str(exc), str(exc)
         return
     assert torch.equal(gm(x), _StepCounter()(x))
+
+
+class _ShapeGate(nn.Module):
+    def forward(self, x):
+        if x.size(-1) > 4:
+            return x * 0.5
+        return x + 0.5
+
+
+class _AttributeIntoLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = _ShapeGate()
+
+    def forward(self, x):
+        t = x.mT
+        return self.gate(t) + t
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_FINDINGS["leaf_attribute"])
+def test_finding_f10_rollback_erases_an_attribute_node():
+    x = torch.randn(2, 3, 6)
+    model = _AttributeIntoLeaf()
+    gm = qprep.prepare(model, (x,), on_untraceable="leaf")
+    assert qprep.verify(model, gm, (x,)).equal
 
 
 class _ScaledEncoder(nn.Module):

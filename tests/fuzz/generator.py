@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib.util
 import math
+import operator
 import random
 import re
 import sys
@@ -49,6 +51,7 @@ __all__ = ["Program", "Stmt", "InputSpec", "generate", "FEATURES", "UNTRACEABLE_
 #: Constructs today's symbolic tracer refuses; a program holds at most one of them.
 UNTRACEABLE_FEATURES = frozenset({
     "shape_branch", "shape_loop", "shape_math", "value_branch", "setitem", "tensor_iter", "helper_branch",
+    "unbound_method",
 })
 
 #: Every feature tag a program can carry (for statistics and ``exclude``).
@@ -59,7 +62,8 @@ FEATURES = frozenset({
     "reduction", "matmul", "cat", "conv", "pool", "norm", "comparison", "dtype", "item", "helper", "helper_tuple",
     "recurrent", "attention", "transformer", "embedding", "training_branch", "training_constant",
     "dropout_not_training", "inplace_alpha_dropout", "inplace_attribute", "default_container", "default_callable",
-    "buffer_update", "buffer_assign", "grad_mode", "tensor_constant",
+    "buffer_update", "buffer_assign", "grad_mode", "tensor_constant", "channels_last", "keyword_args",
+    "call_spelling", "helper_function", "leaf_fallback", "leaf_attribute", "attribute_arg",
     "container_in", "unpack_in", "dict_in", "none_in", "default_arg", "ids_in",
     "container_out", "namedtuple_out", "nested_out", "int_out", "none_out", "input_out", "return_types_out",
     *UNTRACEABLE_FEATURES,
@@ -116,6 +120,16 @@ class Scale(nn.Module):
         x.add_(self.shift)
         return x
 ''',
+    "gelu_gate": '''
+def gelu_gate(z):
+    return z * torch.sigmoid(1.702 * z)
+''',
+    "residual_norm": '''
+def residual_norm(z, w):
+    h = z + w
+    h /= h.norm(dim=-1, keepdim=True) + 1.0
+    return h
+''',
     "ShapeGate": '''
 class ShapeGate(nn.Module):
     def forward(self, x):
@@ -123,8 +137,24 @@ class ShapeGate(nn.Module):
             return x * 0.5
         return x + 0.5
 ''',
+    "RankGate": '''
+class RankGate(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.add_(1.0)
+        self.calls.add_(1)
+        if h.dim() == 3:
+            return h - h.mean(1, keepdim=True) + x
+        return F.relu(h) * 0.5 + x
+''',
 }
 
+_UNTRACEABLE_HELPERS = ("ShapeGate", "RankGate")
 _VOCAB = 11  # integer ids inputs are drawn from range(_VOCAB)
 
 
@@ -137,12 +167,14 @@ class InputSpec:
     kind: str  # "tensor" | "tuple" | "list" | "dict" | "ids" | "none" | "default"
     shape: tuple = ()  # ("B", d1, ...): "B" is the batch size
     default: str = ""
+    channels_last: bool = False  # a 4-D tensor input in channels-last memory format
 
     def make(self, batch: int, gen: torch.Generator):
         size = tuple(batch if d == "B" else d for d in self.shape)
 
         def tensor():
-            return torch.randn(*size, generator=gen)
+            t = torch.randn(*size, generator=gen)
+            return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
         if self.kind == "tensor":
             return tensor()
@@ -181,6 +213,7 @@ class Program:
     namedtuple_fields: tuple[str, ...] = ()
     training: bool = False  # mode at prepare time
     batch: int = 2
+    options: tuple[tuple[str, object], ...] = ()  # keyword options for qprep.prepare
 
     CLASS = "FuzzModel"
 
@@ -200,6 +233,8 @@ class Program:
             out.add("container_in")
         if "helper_branch" in out:
             out.add("helper")
+        if any(s.channels_last for s in self.inputs):
+            out.add("channels_last")
         return frozenset(out)
 
     @property
@@ -208,7 +243,9 @@ class Program:
 
     def render(self) -> tuple[str, set[int]]:
         """The source, and the line numbers of the constructs today's tracer refuses."""
-        lines = [f"# qprep fuzz program, seed {self.seed}", "import collections", "import math", "",
+        options = "".join(f", {k}={v!r}" for k, v in self.options)
+        lines = [f"# qprep fuzz program, seed {self.seed}: qprep.prepare(model, inputs, check=False{options})",
+                 "import collections", "import functools", "import math", "import operator", "",
                  "import torch", "import torch.nn as nn", "import torch.nn.functional as F", ""]
         untraceable: set[int] = set()
         if self.namedtuple_fields:
@@ -217,7 +254,7 @@ class Program:
             start = len(lines) + 1
             text = _HELPERS[helper].strip("\n").splitlines()
             lines += text + ["", ""]
-            if helper == "ShapeGate":
+            if helper in _UNTRACEABLE_HELPERS:
                 untraceable |= set(range(start, start + len(text)))
         lines += [f"class {self.CLASS}(nn.Module):", "    def __init__(self):", "        super().__init__()"]
         lines += [f"        {a}" for a in self.attrs]
@@ -279,7 +316,8 @@ _BATCHES = (2, 3)  # dummy runs: batch 2 in train mode, batch 3 in eval mode
 
 
 def _helper_namespace() -> dict:
-    ns = {"torch": torch, "nn": nn, "F": F, "math": math, "collections": collections}
+    ns = {"torch": torch, "nn": nn, "F": F, "math": math, "collections": collections, "functools": functools,
+          "operator": operator}
     for text in _HELPERS.values():
         exec(text, ns)  # noqa: S102  (our own fixed helper classes)
     return ns
@@ -458,7 +496,8 @@ class _Builder:
             shape = ("B", self.choice([3, 4, 5]), self.choice([4, 6, 8]))
         else:
             shape = ("B", self.choice([2, 3, 4]), self.choice([4, 6]), self.choice([4, 6]))
-        specs = [InputSpec("x", "tensor", shape)]
+        channels_last = layout == "img" and self.rng.random() < 0.3 and self.ok("channels_last")
+        specs = [InputSpec("x", "tensor", shape, channels_last=channels_last)]
         self.pool.append("x")
         second = self.choice(["none", "none", "tensor", "tuple", "list", "dict", "ids", "optional", "default"])
         tags = {"tuple": {"container_in"}, "list": {"container_in"}, "dict": {"container_in", "dict_in"},
@@ -1217,6 +1256,50 @@ class _Builder:
                             f"{v} * {v}.size(-1) / {v}.sum().abs().add(1.0).item()"])
         return _Candidate((f"{t} = {expr}",), {"item"}, (t,))
 
+    def s_spelling(self) -> _Candidate | None:
+        """The same ops spelled other ways: keyword arguments, unbound methods, dunders,
+        ``operator``, Python builtins, closures and module-level helper functions."""
+        v = self.pick()
+        w = self.partner(v) or v
+        t = self.fresh()
+        kind = self.rng.randrange(4)
+        if kind == 0 and self.ok("keyword_args"):
+            dim = self.choice([-1, 1])
+            expr = self.choice([
+                f"torch.add(input={v}, other={w}, alpha=2)", f"torch.mul(input={v}, other=0.5)",
+                f"{v}.add(other={w})", f"{v}.sub(other={w}, alpha=0.5)", f"torch.cat(tensors=[{v}, {w}], dim={dim})",
+                f"torch.stack(tensors=({v}, {w}))[0]", f"F.relu(input={v})", f"F.softmax(input={v}, dim={dim})",
+                f"F.gelu(input={v}, approximate='tanh')", f"F.leaky_relu(input={v}, negative_slope=0.3)",
+                f"torch.clamp(input={v}, min=-0.5, max=0.5)", f"{v}.clamp(min=-0.5)", f"torch.sigmoid(input={v})",
+                f"torch.where(condition={v} > 0, input={v}, other={w})", f"torch.sum(input={v}, dim={dim}, keepdim=True)",
+                f"{v}.mean(dim={dim}, keepdim=True)", f"torch.matmul(input={v}, other={w}.transpose(-1, -2))",
+                f"F.dropout(input={v}, p=0.2, training=self.training)", f"torch.flatten(input={v}, start_dim=1)",
+                f"torch.transpose(input={v}, dim0=1, dim1=-1)", f"F.normalize(input={v}, dim={dim})",
+                f"torch.maximum(input={v}, other={w})", f"torch.pow(input={v}, exponent=2)", f"torch.masked_fill(input={v}, mask={v} > 0, value=0.0)",
+            ])
+            return _Candidate((f"{t} = {expr}",), {"keyword_args"}, (t,))
+        if kind == 1 and self.ok("call_spelling"):
+            lines = self.choice([
+                (f"{t} = {v}.__add__({w})",), (f"{t} = {v}.__rsub__(1.0)",), (f"{t} = {v}.__mul__(2)",),
+                (f"{t} = sum([{v}, {w}])",), (f"{t} = sum([{v}, {w}], 1.0)",), (f"{t} = getattr(torch, 'tanh')({v})",),
+                (f"{t} = getattr({v}, 'relu')()",), (f"{t} = abs({v})",), (f"{t} = pow({v}, 2)",), (f"{t} = -(-{v})",),
+                (f"{t} = +{v}",), (f"f = lambda z: z * 2.0 + 1.0", f"{t} = f({v})"),
+                (f"{t} = functools.reduce(operator.add, [{v}, {w}, {v}])",),
+                (f"{t} = operator.mul({v}, {w})",), (f"{t} = operator.iadd({v}.clone(), {w})",),
+                (f"{t} = torch.stack([{v} * i for i in range(3)]).sum(0)",),
+            ])
+            return _Candidate(lines, {"call_spelling"}, (t,))
+        if kind == 2 and self.ok("helper_function"):
+            fn = self.choice(["gelu_gate", "residual_norm"])
+            self.helper(fn)
+            call = f"gelu_gate({v})" if fn == "gelu_gate" else f"residual_norm({v}, {w})"
+            return _Candidate((f"{t} = {call}",), {"helper_function"}, (t,))
+        if kind == 3 and self.ok("keyword_args", "module"):
+            ctor = self.choice([f"nn.Linear({self.shape(v)[-1]}, 4)", "nn.ReLU()", "nn.Softmax(dim=-1)"])
+            mod, feats = self.module("kw", ctor, 0.5)
+            return _Candidate((f"{t} = {mod}(input={v})",), feats | {"keyword_args"}, (t,))
+        return None
+
     def s_mixer(self) -> _Candidate | None:
         if not self.ok("helper", "helper_tuple"):
             return None
@@ -1297,12 +1380,19 @@ class _Builder:
             if self.writable(v):
                 forms += [(f"{v}[:, 0] = 1.0", f"{t} = {v}"), (f"{v}[:, :1] += 1.0", f"{t} = {v}")]
             lines = self.choice(forms)
+        elif kind == "unbound_method":  # torch.Tensor.add(x, y): the C descriptor rejects a Proxy
+            w = self.partner(v) or v
+            lines = self.choice([(f"{t} = torch.Tensor.add({v}, {w})",), (f"{t} = torch.Tensor.sigmoid({v})",)])
         elif kind == "tensor_iter":
             lines = self.choice([(f"{t} = torch.stack([r * 0.5 for r in {v}.unbind(1)], 1)",),
                                  (f"{t} = {v} + sum({v}.unbind(1)).unsqueeze(1)",)])
         else:  # helper_branch: the refused line is inside a helper submodule
-            self.helper("ShapeGate")
-            mod, feats = self.module("shape_gate", "ShapeGate()", 0.5)
+            cls = self.choice(_UNTRACEABLE_HELPERS)
+            self.helper(cls)
+            ctor = "ShapeGate()" if cls == "ShapeGate" else f"RankGate({self.shape(v)[-1]})"
+            mod, feats = self.module("gate", ctor, 0.5)
+            if v in self.attribute_vars:  # matters with on_untraceable="leaf" (finding F10)
+                feats.add("attribute_arg")
             return _Candidate((f"{t} = {mod}({v})",), feats | {"helper", kind}, (t,))
         return _Candidate(lines, {kind}, (t,), untraceable=True)
 
@@ -1355,7 +1445,7 @@ class _Builder:
             (self.s_conv, 1.0), (self.s_functional_args, 1.5), (self.s_dropout, 0.8), (self.s_item, 0.2),
             (self.s_mixer, 0.3), (self.s_training_branch, 0.4), (self.s_param_operand, 0.8), (self.s_out_kwarg, 0.2),
             (self.s_recurrent, 0.7), (self.s_embedding, 1.5), (self.s_optional, 1.0), (self.s_buffer_update, 0.3),
-            (self.s_grad_mode, 0.2),
+            (self.s_grad_mode, 0.2), (self.s_spelling, 1.0),
         ]
         n = self.rng.randint(3, 10)
         untraceable_at = self.rng.randrange(n) if self.rng.random() < self.untraceable_rate else -1
@@ -1379,10 +1469,16 @@ class _Builder:
         self.envs.clear()
         self.holders.clear()
         output, out_features, fields = self.output()
+        options: tuple = ()
+        used = {f for st in self.body for f in st.features}
+        if "helper_branch" in used and self.ok("leaf_fallback") and self.rng.random() < 0.5 \
+                and ("attribute_arg" not in used or self.ok("leaf_attribute")):
+            options = (("on_untraceable", "leaf"),)
+            out_features = out_features | {"leaf_fallback"} | ({"leaf_attribute"} if "attribute_arg" in used else set())
         return Program(
             seed=self.seed, inputs=inputs, attrs=tuple(self.attrs.values()), helpers=tuple(self.helpers),
             body=tuple(self.body), output=output, output_features=out_features, namedtuple_fields=fields,
-            training=training, batch=batch,
+            training=training, batch=batch, options=options,
         )
 
 

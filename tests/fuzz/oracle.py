@@ -180,11 +180,14 @@ def _state(model: torch.nn.Module) -> tuple:
 
 
 def _state_changed(model: torch.nn.Module, before: tuple) -> str | None:
-    tensors, modes = _state(model)
+    try:
+        tensors, modes = _state(model)
+    except Exception as exc:  # noqa: BLE001  (a buffer replaced by something that is not a tensor)
+        return f"its state can no longer be read: {type(exc).__name__}: {exc}"
     if list(tensors) != list(before[0]):
         return "state_dict keys changed"
     for k, v in tensors.items():
-        if not torch.equal(v, before[0][k]):
+        if not isinstance(v, torch.Tensor) or not torch.equal(v, before[0][k]):
             return f"state_dict entry {k!r} changed"
     if modes != before[1]:
         return "training flags changed"
@@ -274,7 +277,7 @@ def check(program: Program, directory: Path | str, *, new_batch: bool = True,
 
     before = _state(model)
     try:
-        gm = prepare(model, args, check=False)
+        gm = prepare(model, args, check=False, **dict(program.options))
     except qprep.QprepError as exc:
         line = named_line(str(exc), path, n_lines)
         if line is None:
