@@ -354,7 +354,6 @@ class _Builder:
         self.ids: str | None = None  # name of the integer ids input
         self.counter = 0
         self.modules: dict[str, list[str]] = {}  # constructor source -> attribute names
-        self.module_calls: dict[str, int] = {}
         self.specs: tuple[InputSpec, ...] = ()
         self.envs: dict[int, dict] = {}
         self.materialized: set[str] = set()
@@ -426,7 +425,6 @@ class _Builder:
         else:
             name = self.attr(prefix, "self.{name} = " + ctor)[5:]
             self.modules.setdefault(ctor, []).append(name)
-        self.module_calls[name] = self.module_calls.get(name, 0) + 1
         return f"self.{name}", features
 
     def helper(self, cls: str) -> None:
@@ -477,6 +475,8 @@ class _Builder:
             new = [name for name in self.attrs if name not in self.materialized]
             self._run(tuple(self.attrs[name] for name in new))
             self.materialized.update(new)
+            for batch, holder in self.holders.items():
+                holder.train(batch == _BATCHES[0])  # new submodules take the holder's mode
             self._run(stmt.lines)
             if not all(self._valid(n) for n in cand.pool):
                 raise _Rejected
@@ -1457,12 +1457,11 @@ class _Builder:
             else:
                 fns, weights = zip(*kinds)
                 step = self.rng.choices(fns, weights)[0]
-            saved = (dict(self.attrs), list(self.helpers), {k: list(v) for k, v in self.modules.items()},
-                     dict(self.module_calls), self.counter)
+            saved = (dict(self.attrs), list(self.helpers), {k: list(v) for k, v in self.modules.items()}, self.counter)
             if self.try_add(step()):
                 made += 1
                 continue
-            self.attrs, self.helpers, self.modules, self.module_calls, self.counter = saved
+            self.attrs, self.helpers, self.modules, self.counter = saved
             self._reset_envs()
             if step == self.s_untraceable and tries > 5 * n:
                 untraceable_at = -1
