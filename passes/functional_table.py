@@ -63,6 +63,10 @@ def _softmax(cls, functional: bool = True):
     return Spec(cls.__name__, _p(*names, dim=None, _stacklevel=3, dtype=None), ("input",), build)
 
 
+#: Dropout modules whose ``forward`` drops the ``inplace`` argument they are built with.
+_IGNORES_INPLACE = (nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def _mode_dependent(cls, training_default: bool, *ctor: str):
     def build(b, ctx):
         if not ctx.follows_training:
@@ -70,6 +74,8 @@ def _mode_dependent(cls, training_default: bool, *ctor: str):
                 f"training={b['training']!r} is fixed in the source, not self.training; "
                 f"nn.{cls.__name__} would follow the module's mode instead"
             )
+        if b.get("inplace") and issubclass(cls, _IGNORES_INPLACE):
+            raise Unconvertible(f"nn.{cls.__name__}'s forward ignores inplace=True")
         return cls(**{name: b[name] for name in ctor})
 
     params = _p("input", "p", "training", "inplace", p=0.5, training=training_default, inplace=False)

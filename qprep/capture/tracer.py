@@ -46,10 +46,11 @@ import torch.nn as nn
 import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
-from ..core._compat import last_node, mha_fastpath, new_patcher, wrapped_function_registry
+from ..core._compat import last_node, mha_fastpath, new_patcher, set_grad_enabled, wrapped_function_registry
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
 from ..core.guards import CONVERSIONS, Guard, check_guard
+from ..core.graph import constants_out_of_state
 from ..core.provenance import location_text
 from ..core.records import TraceNote
 from ..core.template import tree_any
@@ -242,12 +243,53 @@ class QprepTracer(torch.fx.Tracer):
         yield
 
     def _install_wrappers(self, patcher) -> None:
+        patcher.patch_method(nn.Module, "__setattr__", self._module_setattr(nn.Module.__setattr__), deduplicate=False)
         for name in FACTORIES + RANDOM_FACTORIES:
             fn = getattr(torch, name, None)
             if fn is not None:
                 patcher.patch(torch.__dict__, name, self._recorded(fn, always=name in RANDOM_FACTORIES))
         for fn in PACKING:
             patcher.patch(rnn_utils.__dict__, fn.__name__, self._recorded(fn, always=False))
+        patcher.patch(torch._C.__dict__, "_set_grad_enabled", self._grad_mode(set_grad_enabled))  # noqa: SLF001
+
+    def _grad_mode(self, original):
+        """``with torch.no_grad():`` in a traced ``forward`` switches grad mode when the
+        prepared model runs too: the switch is recorded (and made, for the example values)."""
+        def switch(mode):
+            if self.recording():
+                self.create_proxy("call_function", original, (bool(mode),), {})
+            return original(mode)
+
+        return switch
+
+    def _module_setattr(self, original):
+        """``self.x = <traced value>`` in a traced ``forward``: state the prepared graph cannot
+        hold (it has no assignments), so it is refused with the line, unless it re-binds a
+        buffer to the result of its own in-place update (``self.steps += 1``: the same tensor,
+        updated in place, which the graph records)."""
+        tracer = self
+
+        def setattr_(module, name, value):
+            if isinstance(value, torch.fx.Proxy) and tracer.recording():
+                if tracer._updates_in_place(module, name, value):
+                    return
+                raise ConcreteValueError(
+                    f"forward assigns a traced value to {type(module).__name__}.{name}: a prepared graph "
+                    f"holds no state between calls; update a buffer in place (self.{name}.copy_(...)) or keep "
+                    f"the module a leaf")
+            original(module, name, value)
+
+        return setattr_
+
+    def _updates_in_place(self, module: nn.Module, name: str, value: torch.fx.Proxy) -> bool:
+        node = value.node
+        if name not in module._buffers and name not in module._parameters:  # noqa: SLF001
+            return False
+        path = self.path_of_module(module)
+        qualified = f"{path}.{name}" if path else name
+        first = node.args[0] if node.args else None
+        return _mutates_first_argument(node) and isinstance(first, torch.fx.Node) and first.op == "get_attr" \
+            and first.target == qualified
 
     def _recorded_class(self, real: type) -> type:
         tracer = self
@@ -712,17 +754,6 @@ def _protect_constants(gm: torch.fx.GraphModule) -> None:
         node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
 
 
-def _constants_out_of_state(gm: torch.fx.GraphModule) -> None:
-    """Tensors made at trace time are constants of the graph, not state: GraphModule
-    registers them as buffers, which would add ``_tensor_constant0`` to ``state_dict()`` and
-    break loading the original's checkpoint with ``strict=True``."""
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target.startswith("_tensor_constant") and "." not in node.target:
-            value = getattr(gm, node.target)
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                gm.register_buffer(node.target, value, persistent=False)
-
-
 class Traced(tuple):
     """What :func:`trace` returns: ``(graph_module, notes)``, plus ``.guards`` and
     ``.failures`` (node name -> why its value could not be computed on meta tensors)."""
@@ -768,7 +799,7 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         if node.target is not check_guard:
             node.meta.pop("is_wrapped", None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    _constants_out_of_state(gm)
+    constants_out_of_state(gm)
     _protect_constants(gm)
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.recompile()

@@ -19,8 +19,11 @@ __all__ = [
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search",
+    "autowrap_search", "set_grad_enabled",
 ]
+
+#: What ``torch.no_grad()``/``enable_grad()``/``set_grad_enabled()`` call to switch grad mode.
+set_grad_enabled = torch._C._set_grad_enabled  # noqa: SLF001
 
 #: The function torch.fx records for ``assert x is None`` checks on concrete arguments.
 assert_is_none = torch.fx._symbolic_trace._assert_is_none  # noqa: SLF001

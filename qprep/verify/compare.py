@@ -55,6 +55,7 @@ class OutputCheck:
     shape: tuple = ()
     dtype: str = ""
     note: str = ""
+    magnitude: float = 0.0  # largest |value| of the reference output (kernel bounds scale with it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +182,12 @@ def _check(path: str, x: Any, y: Any) -> OutputCheck:
                            note=f"{tuple(x.shape)}/{x.dtype} vs {tuple(y.shape)}/{y.dtype}")
     equal = torch.equal(x, y) or (x.is_floating_point() and torch.equal(x.isnan(), y.isnan())
                                   and torch.equal(x.nan_to_num(), y.nan_to_num()))
-    diff = 0.0
+    diff, magnitude = 0.0, 0.0
     if not equal and x.numel():
         d = (x.detach().double() - y.detach().double()).abs()
         diff = float(d.nan_to_num(nan=math.inf).max())
-    return OutputCheck(path, equal, diff, tuple(x.shape), str(x.dtype).replace("torch.", ""))
+        magnitude = float(x.detach().double().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).max())
+    return OutputCheck(path, equal, diff, tuple(x.shape), str(x.dtype).replace("torch.", ""), magnitude=magnitude)
 
 
 def _run(model: nn.Module, args: tuple, seed: int, params: list | None) -> tuple[Any, list]:
@@ -228,6 +230,10 @@ def _compare_once(original, prepared, args, seed, grad) -> tuple[list[OutputChec
     checks = compare(out_a, out_b)
     grad_checks = compare(grads_a, grads_b, "grad") if grad else []
     return checks, grad_checks
+
+
+def _largest(checks: list[OutputCheck]) -> float:
+    return max((o.magnitude for o in checks), default=0.0)
 
 
 def _has(model: nn.Module, kinds: tuple) -> bool:
@@ -298,10 +304,14 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
         checks, grads = _compare_once(original, prepared, args, seed, grad)
     if not all(c.equal for c in checks + grads):
         return VerifyResult(False, checks, result.mode, "native kernels", grads=grads)
-    bound = min(KERNEL_BOUNDS[f] for f in families)
-    # The bound is on outputs. Gradients are bitwise equal on the native kernels (checked
-    # above); under the fused ones they differ more (summed over time steps and batch:
-    # up to 9.2e-5 on qprep.examples.TinyLSTMLM's bias gradients), shown, not bounded.
+    # The bound is on outputs, relative to their size: the fused kernel's difference is a few
+    # units in the last place of the values inside it, and what the model does after it
+    # (a decoder, `* 100`) scales it with the outputs. Gradients are bitwise equal on the
+    # native kernels (checked above); under the fused ones they differ more (summed over
+    # time steps and batch: up to 9.2e-5 on qprep.examples.TinyLSTMLM's bias gradients),
+    # shown, not bounded.
+    scale = max(1.0, _largest(result.outputs))
+    bound = min(KERNEL_BOUNDS[f] for f in families) * scale
     diff = max((o.max_abs_diff for o in result.outputs), default=0.0)
     return VerifyResult(diff <= bound, checks, result.mode, "native kernels (oneDNN / attention fast path off)",
                         kernel_diff=diff, kernel_bound=bound, grads=grads)
