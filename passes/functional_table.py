@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from qprep.core import meta
 from qprep.core._compat import boolean_dispatch_parts
 from qprep.core.graph import lookup, member
+from qprep.modules import ScaledDotProductAttention
 from qprep.passes.functional_params import PARAMETRIC_SPECS
 from qprep.passes.functional_spec import Spec, Unconvertible
 from qprep.passes.functional_spec import params as _p
@@ -198,6 +199,20 @@ _SHAPE = {
                                 ("input",), _simple(nn.LocalResponseNorm, "size", "alpha", "beta", "k")),
 }
 
+def _sdpa():
+    """``F.scaled_dot_product_attention``: the math kernel as modules (QKᵀ, scale, mask, softmax,
+    dropout, AV), bitwise equal to that kernel."""
+
+    def build(b, ctx):
+        return ScaledDotProductAttention(b["dropout_p"], b["is_causal"], b["scale"], b["enable_gqa"])
+
+    params = _p("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+                attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+    return Spec("ScaledDotProductAttention", params, ("query", "key", "value", "attn_mask"), build)
+
+
+_ATTENTION = {F.scaled_dot_product_attention: _sdpa()}
+
 _DROPOUT = {
     F.dropout: _mode_dependent(nn.Dropout, True, "p", "inplace"),
     F.dropout1d: _mode_dependent(nn.Dropout1d, True, "p", "inplace"),
@@ -294,7 +309,7 @@ _TWINS: dict[Callable, tuple] = {
 
 #: callable -> Spec, for ``torch.nn.functional`` functions and their ``torch.*`` twins.
 FUNCTIONAL_SPECS: dict[Callable, Spec] = {
-    **_ACTIVATIONS, **_POOLING, **_dispatched(_POOLING), **_SHAPE, **_DROPOUT, **PARAMETRIC_SPECS,
+    **_ACTIVATIONS, **_POOLING, **_dispatched(_POOLING), **_SHAPE, **_DROPOUT, **PARAMETRIC_SPECS, **_ATTENTION,
 }
 FUNCTIONAL_SPECS.update({twin: _twin(*entry) for twin, entry in _TWINS.items()})
 

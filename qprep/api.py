@@ -17,7 +17,7 @@ from .capture import capture, split
 from .core.dual import DualGraphModule
 from .modules.fast_forward import install_fast_forward
 from .core import meta
-from .core.aliases import match_order, restore_missing_state
+from .core.aliases import match_order, match_persistence, restore_missing_state
 from .core.config import PrepareConfig
 from .core.errors import InputError, NotEquivalentError, QprepError, TraceError
 from .core.inputs import as_positional
@@ -111,6 +111,7 @@ def prepare(
         gm.after_recompile = install_fast_forward
     restore_missing_state(work, gm)
     match_order(work, gm)
+    match_persistence(work, gm)
     gm.training = model.training
     install_fast_forward(gm)
     preparation = Preparation(

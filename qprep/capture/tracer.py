@@ -396,9 +396,8 @@ class QprepTracer(torch.fx.Tracer):
         for p in inspect.signature(root.forward).parameters.values():
             if p.kind == p.VAR_POSITIONAL:
                 star = self.create_proxy("placeholder", f"*{p.name}", (), {})
-            elif p.kind == p.VAR_KEYWORD:
-                if self.examples and self.examples.get(p.name):
-                    starstar = self.create_proxy("placeholder", f"**{p.name}", (), {})
+            elif p.kind == p.VAR_KEYWORD:  # its keys are guarded: another keyword is refused, not ignored
+                starstar = self.create_proxy("placeholder", f"**{p.name}", (), {})
             elif p.name in fixed:
                 keywords[p.name] = self._fixed_placeholder(p.name, fixed[p.name])
             else:

@@ -181,6 +181,8 @@ class Values:
     def _placeholder(self, node: torch.fx.Node) -> Any:
         name = node.target.lstrip("*")
         if name not in self.examples:
+            if node.target.startswith("**"):
+                return {}  # no extra keyword arguments in the example
             raise _NoValue
         return self.to_meta(self.examples[name])
 

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch.nn as nn
 
-__all__ = ["hide_aliases", "restore_missing_state", "match_order"]
+__all__ = ["hide_aliases", "restore_missing_state", "match_order", "match_persistence"]
 
 _ATTR = "_qprep_hidden"
 
@@ -109,3 +109,16 @@ def match_order(original: nn.Module, prepared: nn.Module) -> None:
         counterpart = original._modules.get(name)  # noqa: SLF001
         if child is not None and counterpart is not None and child is not counterpart:
             match_order(counterpart, child)
+
+
+def match_persistence(original: nn.Module, prepared: nn.Module) -> None:
+    """A buffer the original keeps out of ``state_dict()`` (``persistent=False``, such as a
+    rotary ``inv_freq``) stays out of it where ``prepared`` registers it anew."""
+    transient = {id(module._buffers[name]) for module in original.modules()  # noqa: SLF001
+                 for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None}  # noqa: SLF001
+    if not transient:
+        return
+    for module in prepared.modules():
+        for name, buffer in list(module._buffers.items()):  # noqa: SLF001
+            if buffer is not None and id(buffer) in transient:
+                module._non_persistent_buffers_set.add(name)  # noqa: SLF001

@@ -31,12 +31,20 @@ from ..core.errors import InputError
 from ..core.inputs import as_positional
 from ..core.runtime import clone_tree, preserved_state, seeded
 from ..core.text import fmt_float
+from ..modules import (
+    ModularGRU, ModularGRUCell, ModularLSTM, ModularLSTMCell, ModularMultiheadAttention, ModularRNN, ModularRNNCell,
+    ScaledDotProductAttention,
+)
 from ..modules.rnn import ONEDNN_LSTM_ATOL
 
 __all__ = ["verify_outputs", "VerifyResult", "OutputCheck", "KERNEL_BOUNDS", "native_kernels", "compare"]
 
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder)
+# What preparation makes of fused kernels, found in the prepared model (a functional call of
+# the original has no module to find): scaled_dot_product_attention becomes the latter.
+_MODULAR_RECURRENT = (ModularLSTM, ModularGRU, ModularRNN, ModularLSTMCell, ModularGRUCell, ModularRNNCell)
+_MODULAR_ATTENTION = (ModularMultiheadAttention, ScaledDotProductAttention)
 
 #: Largest max-abs difference accepted against the fused kernels, per family: a little
 #: above the largest measured (oneDNN LSTM 5.4e-7; SDPA flash 9.5e-7, MHA fast path
@@ -294,9 +302,9 @@ def _modes_kept(*models: nn.Module) -> Iterator[None]:
 
 def _against_native(original, prepared, args, seed, grad, result: VerifyResult) -> VerifyResult:
     families = []
-    if _has(original, _RECURRENT):
+    if _has(original, _RECURRENT) or _has(prepared, _MODULAR_RECURRENT):
         families.append("recurrent (oneDNN)")
-    if _has(original, _ATTENTION):
+    if _has(original, _ATTENTION) or _has(prepared, _MODULAR_ATTENTION):
         families.append("attention (fast path)")
     if not families:
         return result
