@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -19,12 +20,13 @@ from .modules.fast_forward import install_fast_forward
 from .core import meta
 from .core.aliases import restore_missing_state
 from .core.config import PrepareConfig
-from .core.errors import InputError, NotEquivalentError, QprepError, TraceError
-from .core.inputs import as_positional
+from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, QprepError, TraceError
+from .core.inputs import as_positional, check_call, with_concrete
+from .core.paths import check_writable
 from .core.records import Preparation, TraceNote
 from .core.runtime import clone_tree, forked_rng, preserved_state
 from .passes import run_pipeline
-from .report import Report, preparation_of, snapshot
+from .report import Report, preparation_of, report_format, snapshot
 from .verify import VerifyResult, verify_outputs
 
 __all__ = ["prepare", "verify", "diff", "replay_passes"]
@@ -82,11 +84,16 @@ def prepare(
             ``forward`` are still not changed.
         check: with ``example_inputs``, verify the result with :func:`qprep.verify` and
             raise :class:`~qprep.errors.NotEquivalentError` instead of returning a model
-            that differs.
+            that differs. Both models run on ``example_inputs`` with the ``concrete_args``
+            values in their places. On empty example tensors the check proves nothing: it
+            warns (:class:`~qprep.InconclusiveWarning`).
         report: a path (``.html``, ``.md``, ``.json``, ``.txt``) to write the diff report to.
 
     Raises:
-        InputError: not a module, bad example inputs, unknown option.
+        InputError: not a module, bad example inputs (more than ``forward`` takes, a
+            required argument missing, an argument also in ``concrete_args``), an unknown
+            ``concrete_args`` name or option, a ``report`` path that cannot be written;
+            all checked before any work.
         TraceError: the model cannot be traced (names the module, the line and the fix).
         PassError: a pass failed (names it and the passes before it).
         NotEquivalentError: the result differs from ``model`` on ``example_inputs``.
@@ -95,6 +102,13 @@ def prepare(
         raise InputError(f"qprep.prepare() takes a torch.nn.Module, got {type(model).__name__}")
     config = _config(config, options)
     args = None if example_inputs is None else as_positional(example_inputs, model)
+    if args is not None:
+        check_call(model, args, config.concrete_args)
+    elif config.concrete_args:
+        check_call(model, None, config.concrete_args)
+    if report:
+        report_format(report)
+        check_writable(report, "report")
     work = _working_copy(model, inplace)
     try:
         captured = capture(work, config, args)
@@ -126,9 +140,11 @@ def prepare(
     if captured.guards:
         meta.set_graph_facts(gm, **{meta.GUARDS: captured.guards})
     if check and args is not None:
-        result = verify(model, gm, args)
+        call = with_concrete(model, args, config.concrete_args)
+        result = verify(model, gm, call)
         if result.equal and captured.dual:  # the other mode's graph too
-            result = verify(model, gm, args, train=not model.training)
+            result = verify(model, gm, call, train=not model.training)
+        _warn_if_inconclusive(result)
         preparation = preparation.verified(result)
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
         if not preparation.verification.equal:
@@ -140,6 +156,13 @@ def prepare(
     if report:
         Report.of(gm, type(model).__name__).write(report)
     return gm
+
+
+def _warn_if_inconclusive(result: VerifyResult) -> None:
+    if result.caveats:
+        warnings.warn("qprep.prepare: the bitwise check proves nothing here: " + "; ".join(result.caveats)
+                      + ". Give example inputs with at least one element in every dimension.",
+                      InconclusiveWarning, stacklevel=3)
 
 
 #: The name the model whose own forward cannot be traced has inside its prepared module.
@@ -180,7 +203,8 @@ def _prepare_inside(model: nn.Module, work: nn.Module, config: PrepareConfig, ar
     preparation = Preparation(config=config, passes=(), changes=(), trace_notes=tuple(notes), before=snapshot(gm))
     meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
     if check:
-        result = verify(model, gm, args)
+        result = verify(model, gm, with_concrete(model, args, config.concrete_args))
+        _warn_if_inconclusive(result)
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation.verified(result)})
         if not result.equal:
             raise NotEquivalentError("the prepared model is not bitwise equal to the original on example_inputs:\n"

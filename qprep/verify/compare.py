@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core._compat import mha_fastpath
 from ..core.errors import InputError
-from ..core.inputs import as_positional
+from ..core.inputs import as_positional, check_call, empty_inputs
 from ..core.runtime import clone_tree, preserved_state, seeded
 from ..core.text import fmt_float
 from ..modules.rnn import ONEDNN_LSTM_ATOL
@@ -70,12 +70,22 @@ class VerifyResult:
     first_bad_pass: str | None = None
     trials: int = 1
     grads: list[OutputCheck] = dataclasses.field(default_factory=list)
+    #: Why this comparison proves less than it seems: empty input tensors (ops on them
+    #: compute nothing) or outputs with no element at all. ``equal`` is still what the
+    #: comparison found; :attr:`conclusive` is ``False``.
+    caveats: tuple[str, ...] = ()
 
     #: Headers of :meth:`rows`.
     HEADERS: ClassVar[tuple[str, ...]] = ("output", "bitwise equal", "max abs diff", "shape", "dtype", "note")
 
     def __bool__(self) -> bool:
         return self.equal
+
+    @property
+    def conclusive(self) -> bool:
+        """``False`` when the inputs or outputs were empty: an EQUIVALENT verdict then
+        proves nothing about the ops that saw no element (see :attr:`caveats`)."""
+        return not self.caveats
 
     @property
     def max_abs_diff(self) -> float:
@@ -94,6 +104,7 @@ class VerifyResult:
             lines.append(f"default fused kernels differ by {fmt_float(self.kernel_diff)} (bound {fmt_float(self.kernel_bound)})")
         if self.first_bad_pass:
             lines.append(f"first pass that broke equality: {self.first_bad_pass}")
+        lines += [f"INCONCLUSIVE: {caveat}" for caveat in self.caveats]
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -101,7 +112,7 @@ class VerifyResult:
             "equal": self.equal, "mode": self.mode, "reference": self.reference,
             "kernel_diff": self.kernel_diff, "kernel_bound": self.kernel_bound,
             "first_bad_pass": self.first_bad_pass, "trials": self.trials,
-            "max_abs_diff": self.max_abs_diff,
+            "max_abs_diff": self.max_abs_diff, "conclusive": self.conclusive, "caveats": list(self.caveats),
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
             "grads": [dataclasses.asdict(o) for o in self.grads],
         }
@@ -240,6 +251,7 @@ def verify_outputs(
     if not isinstance(original, nn.Module) or not isinstance(prepared, nn.Module):
         raise InputError("verify() compares two nn.Module instances")
     args = as_positional(inputs, original)
+    check_call(original, args)
     with _modes_kept(original, prepared):
         if train is not None:
             original.train(train)
@@ -249,7 +261,19 @@ def verify_outputs(
         result = VerifyResult(all(c.equal for c in checks + grads), checks, mode, grads=grads)
         if not result.equal:
             result = _against_native(original, prepared, args, seed, grad, result)
-    return result
+    caveats = _caveats(args, result.outputs)
+    return dataclasses.replace(result, caveats=caveats) if caveats else result
+
+
+def _caveats(args: tuple, outputs: list[OutputCheck]) -> tuple[str, ...]:
+    """Why a comparison on ``args`` with these output checks proves little (see
+    :attr:`VerifyResult.caveats`)."""
+    caveats = [f"{name} is empty: ops on an empty tensor compute nothing, so they were not checked"
+               for name in empty_inputs(args)]
+    tensors = [o for o in outputs if o.dtype]
+    if tensors and len(tensors) == len(outputs) and all(0 in o.shape for o in tensors):
+        caveats.append("every output is empty: no output element was compared")
+    return tuple(caveats)
 
 
 @contextlib.contextmanager
