@@ -617,6 +617,24 @@ def _constants_out_of_state(gm: torch.fx.GraphModule) -> None:
                 gm.register_buffer(node.target, value, persistent=False)
 
 
+def _non_persistent_kept(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    """A buffer the model registered with ``persistent=False`` stays out of ``state_dict()``.
+    torch 2.14's GraphModule keeps the flag when it copies a buffer; torch 2.13's registers
+    every copied buffer as persistent, which adds keys the original's checkpoint lacks."""
+    for name, module in model.named_modules():
+        fields = module._non_persistent_buffers_set  # noqa: SLF001  (as register_buffer keeps it)
+        if not fields:
+            continue
+        try:
+            target = gm.get_submodule(name) if name else gm
+        except AttributeError:  # not called in the graph: GraphModule did not copy it
+            continue
+        for field in fields:
+            if target is not module and isinstance(getattr(target, field, None), torch.Tensor) \
+                    and field in dict(target.named_buffers(recurse=False)):
+                target.register_buffer(field, getattr(target, field), persistent=False)
+
+
 class Traced(tuple):
     """What :func:`trace` returns: ``(graph_module, notes)``, plus ``.guards`` and
     ``.failures`` (node name -> why its value could not be computed on meta tensors)."""
@@ -662,6 +680,7 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         if node.target is not check_guard:
             node.meta.pop("is_wrapped", None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    _non_persistent_kept(gm, model)
     _constants_out_of_state(gm)
     _protect_constants(gm)
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)

@@ -364,7 +364,7 @@ def test_leaf_mode_with_an_untraceable_top_level_forward_prepares_the_submodules
 
 
 def test_fx_wrapped_function_is_traced_into_or_kept_whole():
-    model = __import__("torchvision").models.swin_t(num_classes=10).eval()
+    model = pytest.importorskip("torchvision").models.swin_t(num_classes=10).eval()
     gm = qprep.prepare(model, (torch.randn(1, 3, 64, 64),))
     calls = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     import torchvision.models.swin_transformer as swin
