@@ -283,11 +283,18 @@ def verify(
     (:func:`qprep.verify.verify_outputs`: every output leaf with ``torch.equal``, containers by
     type and keys, both runs from RNG seed ``seed``, in ``train`` or eval mode, gradients with
     ``grad``). When outputs differ, ``replay`` and ``prepared`` came from :func:`prepare`,
-    the result also names the first pass after which a fresh preparation stops being equal."""
+    the result also names the first pass after which a fresh preparation stops being equal.
+
+    When ``prepared`` came from :func:`prepare` with ``concrete_args`` and ``inputs`` stop
+    before those arguments, both models get the concrete values (the prepared model is made
+    for them). Empty input tensors or outputs make the result inconclusive
+    (:attr:`VerifyResult.caveats`, :attr:`VerifyResult.conclusive`)."""
+    preparation = preparation_of(prepared)
+    if preparation is not None and preparation.config.concrete_args:
+        inputs = with_concrete(original, as_positional(inputs, original), preparation.config.concrete_args)
     result = verify_outputs(original, prepared, inputs, train=train, grad=grad, seed=seed)
     if result.equal or not replay:
         return result
-    preparation = preparation_of(prepared)
     if preparation is None:
         return result
     try:
