@@ -24,7 +24,7 @@ from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, Qp
 from .core.inputs import as_positional, check_call, with_concrete
 from .core.paths import check_writable
 from .core.records import Preparation, TraceNote
-from .core.runtime import clone_tree, forked_rng, preserved_state
+from .core.runtime import clone_tree, forked_rng, preserved_state, shallow_copy, structure_kept
 from .passes import run_pipeline
 from .report import Report, preparation_of, report_format, snapshot
 from .verify import VerifyResult, verify_outputs
@@ -110,6 +110,15 @@ def prepare(
         report_format(report)
         check_writable(report, "report")
     work = _working_copy(model, inplace)
+    # A failure at any step leaves the model as it was: with inplace=True the graph module
+    # holds the model's own submodules, so whatever a failing step did to them is undone.
+    with structure_kept(model.modules() if inplace else (), on_success=False):
+        return _prepare_work(model, work, config, args, check=check, report=report)
+
+
+def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args: tuple | None, *,
+                  check: bool, report: str | None) -> torch.fx.GraphModule:
+    """:func:`prepare` on ``work`` (``model`` itself or its copy), once the arguments are checked."""
     try:
         captured = capture(work, config, args)
     except TraceError as exc:
@@ -162,7 +171,7 @@ def _warn_if_inconclusive(result: VerifyResult) -> None:
     if result.caveats:
         warnings.warn("qprep.prepare: the bitwise check proves nothing here: " + "; ".join(result.caveats)
                       + ". Give example inputs with at least one element in every dimension.",
-                      InconclusiveWarning, stacklevel=3)
+                      InconclusiveWarning, stacklevel=4)
 
 
 #: The name the model whose own forward cannot be traced has inside its prepared module.
@@ -175,7 +184,11 @@ def _prepare_inside(model: nn.Module, work: nn.Module, config: PrepareConfig, ar
     forward is the smallest untraceable scope, so it stays opaque, and each submodule it
     calls is prepared on its own, with the inputs it gets on the example (recorded in one
     run), and put back in its place. The result calls the opaque model; its ``state_dict``
-    keys are the model's own."""
+    keys are the model's own. With ``inplace=True`` (``work`` is ``model``) the prepared
+    submodules go into a shallow copy of ``model`` (sharing its submodules, Parameters and
+    buffers), so ``model``'s own attributes stay as they were."""
+    if work is model:
+        work = shallow_copy(model)
     inputs = _child_inputs(work, args)
     notes: list[TraceNote] = []
     prepared_names: list[str] = []

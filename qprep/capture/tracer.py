@@ -50,6 +50,7 @@ from ..core.errors import InputError, TraceError
 from ..core.guards import CONVERSIONS, Guard, check_guard
 from ..core.provenance import location_text
 from ..core.records import TraceNote
+from ..core.runtime import structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
@@ -649,20 +650,8 @@ class Traced(tuple):
         return self
 
 
-def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None) -> Traced:
-    """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
-
-    Args:
-        examples: forward parameter name -> example value (see :class:`QprepTracer`).
-
-    Returns ``(graph_module, notes on submodules kept opaque)``, with ``.guards``; the
-    guards are also in ``gm.meta["qprep"]["guards"]`` and checked in the generated code.
-    Raises :class:`~qprep.errors.TraceError` with the module, source line and fix.
-    """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
-    config = config or PrepareConfig()
-    tracer = QprepTracer(config, examples)
+def _traced_graph_module(tracer: QprepTracer, model: nn.Module, config: PrepareConfig) -> tuple:
+    """The graph (guards inserted) and its GraphModule over ``tracer.root``."""
     try:
         graph = tracer.trace(model, concrete_args=config.concrete_args)
     except TraceError:
@@ -679,7 +668,27 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         # every later trace); qprep's tracer records those calls anyway. Guards keep the mark.
         if node.target is not check_guard:
             node.meta.pop("is_wrapped", None)
-    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    return guards, torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None) -> Traced:
+    """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
+
+    Args:
+        examples: forward parameter name -> example value (see :class:`QprepTracer`).
+
+    Returns ``(graph_module, notes on submodules kept opaque)``, with ``.guards``; the
+    guards are also in ``gm.meta["qprep"]["guards"]`` and checked in the generated code.
+    Raises :class:`~qprep.errors.TraceError` with the module, source line and fix.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
+    config = config or PrepareConfig()
+    tracer = QprepTracer(config, examples)
+    # fx's tracer stores the tensors it meets as constants on the root (``_tensor_constant0``)
+    # and the GraphModule copies them; the model itself gets its attributes back.
+    with structure_kept([model]):
+        guards, gm = _traced_graph_module(tracer, model, config)
     _non_persistent_kept(gm, model)
     _constants_out_of_state(gm)
     _protect_constants(gm)
