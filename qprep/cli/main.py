@@ -34,7 +34,9 @@ EXIT_CODES = {
     0: "equivalent (prepare, diff, verify, demo) / ready for module-level quantization (check)",
     1: "not equivalent / not ready (check found ops a module-level quantizer would miss), or a pass failed",
     2: "usage or model-loading error: bad arguments or model spec, import error, bad JSON, "
-       "inputs the model rejects, a model that cannot be traced",
+       "inputs the model rejects (more than forward takes, empty tensors), an output path that cannot be "
+       "written, a model file that does not load (untrusted names: --trust; a torch.save file: --pickle), "
+       "a model that cannot be traced",
     3: "internal error in qprep (rerun with --debug for the traceback)",
 }
 
