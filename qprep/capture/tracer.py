@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
-from ..core._compat import last_node, mha_fastpath, new_patcher, wrapped_function_registry
+from ..core._compat import last_node, mha_fastpath, new_patcher, non_persistent_buffers, wrapped_function_registry
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
 from ..core.guards import CONVERSIONS, Guard, check_guard
@@ -623,7 +623,7 @@ def _non_persistent_kept(gm: torch.fx.GraphModule, model: nn.Module) -> None:
     torch 2.14's GraphModule keeps the flag when it copies a buffer; torch 2.13's registers
     every copied buffer as persistent, which adds keys the original's checkpoint lacks."""
     for name, module in model.named_modules():
-        fields = module._non_persistent_buffers_set  # noqa: SLF001  (as register_buffer keeps it)
+        fields = non_persistent_buffers(module)
         if not fields:
             continue
         try:

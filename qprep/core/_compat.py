@@ -19,7 +19,7 @@ __all__ = [
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search",
+    "autowrap_search", "has_forward_pre_hooks", "non_persistent_buffers",
 ]
 
 #: The function torch.fx records for ``assert x is None`` checks on concrete arguments.
@@ -87,6 +87,17 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
         or module._backward_hooks or module._backward_pre_hooks  # noqa: SLF001
         or module._compiled_call_impl is not None  # noqa: SLF001
     )
+
+
+def has_forward_pre_hooks(module: torch.nn.Module) -> bool:
+    """Whether a forward pre-hook (the module's own or a global one) may change the
+    arguments ``module.forward`` gets."""
+    return bool(module._forward_pre_hooks or torch.nn.modules.module._global_forward_pre_hooks)  # noqa: SLF001
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> set:
+    """The names of ``module``'s own buffers registered with ``persistent=False``."""
+    return set(module._non_persistent_buffers_set)  # noqa: SLF001
 
 
 _GLOBAL_HOOKS = (

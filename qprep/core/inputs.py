@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ._compat import has_forward_pre_hooks
 from .errors import InputError
 
 __all__ = ["as_positional", "check_call", "with_concrete", "empty_inputs"]
@@ -71,7 +72,7 @@ def check_call(model: nn.Module, args: tuple | None, concrete_args: dict | None 
     Skipped for a model with forward pre-hooks (they may change what ``forward`` gets) and
     for a ``forward`` without a Python signature."""
     sig = _forward_signature(model)
-    if sig is None or model._forward_pre_hooks:
+    if sig is None or has_forward_pre_hooks(model):
         return
     where = f"{type(model).__name__}.forward"
     params = list(sig.parameters.values())
