@@ -53,6 +53,7 @@ from ..core.guards import CONVERSIONS, Guard, check_guard
 from ..core.graph import constants_out_of_state
 from ..core.provenance import location_text
 from ..core.records import TraceNote
+from ..core.runtime import structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
@@ -386,22 +387,46 @@ class QprepTracer(torch.fx.Tracer):
         follows ``functools.wraps``, so a decorated ``forward(*args, **kwargs)`` wrapper, as
         Hugging Face's are, shows its real parameters), and a call of ``forward`` by
         keyword. A parameter fixed at trace time (``concrete_args``, or a default the
-        example leaves out) keeps its placeholder, with that value as default, and a guard:
-        a call that passes another value is refused."""
+        example leaves out) keeps its placeholder, with the signature's default, and a guard:
+        a call that passes, or defaults to, another value is refused."""
         if not is_module:
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         root = self.root
         fixed = dict(concrete_args or {})
         positional, keywords, star, starstar = [], {}, None, None
-        for p in inspect.signature(root.forward).parameters.values():
+        parameters = list(inspect.signature(root.forward).parameters.values())
+        # Placeholders are the generated forward's parameters, so Python's rules hold: once one
+        # has a default, a later one without (an object default the code cannot write) must
+        # be keyword-only, and so must those after an argument fixed to an object (no
+        # placeholder any more), or a positional call would bind them one place off. A `*name`
+        # placeholder that must stay empty starts the keyword-only ones.
+        open_star = not any(p.kind == p.VAR_POSITIONAL for p in parameters)
+        defaulted = False
+
+        def keyword_only_from(name: str, why: str) -> None:
+            nonlocal open_star
+            if open_star:
+                open_star = False
+                rest = self.create_proxy("placeholder", f"*{name}", (), {}).node
+                self.guards.record(rest, "len", 0, why, "")
+
+        for p in parameters:
             if p.kind == p.VAR_POSITIONAL:
                 star = self.create_proxy("placeholder", f"*{p.name}", (), {})
             elif p.kind == p.VAR_KEYWORD:  # its keys are guarded: another keyword is refused, not ignored
                 starstar = self.create_proxy("placeholder", f"**{p.name}", (), {})
-            elif p.name in fixed:
-                keywords[p.name] = self._fixed_placeholder(p.name, fixed[p.name])
+            elif p.name in fixed and not _simple_constant(fixed[p.name]):
+                keywords[p.name] = fixed[p.name]  # a tensor or an object: not an argument any more
+                if p.kind != p.KEYWORD_ONLY:
+                    keyword_only_from(p.name, f"`{p.name}` was fixed at trace time; pass the arguments after it by keyword")
             else:
-                default = () if p.default is p.empty or not _simple_constant(p.default) else (p.default,)
+                default = _default_of(p)
+                if defaulted and not default and p.kind != p.KEYWORD_ONLY:
+                    keyword_only_from(f"before_{p.name}", f"`{p.name}` and the arguments after it are keyword-only")
+                defaulted = defaulted or bool(default)
+                if p.name in fixed:
+                    keywords[p.name] = self._fixed_placeholder(p.name, fixed[p.name], default)
+                    continue
                 value = self.create_proxy("placeholder", p.name, default, {})
                 if p.kind == p.POSITIONAL_ONLY:
                     positional.append(value)
@@ -415,11 +440,10 @@ class QprepTracer(torch.fx.Tracer):
 
         return call, []
 
-    def _fixed_placeholder(self, name: str, value: Any) -> Any:
-        """The placeholder of an argument fixed to ``value``; returns ``value`` itself."""
-        if not _simple_constant(value):  # a tensor or an object: fixed, and not an argument any more
-            return value
-        node = self.create_proxy("placeholder", name, (value,), {}).node
+    def _fixed_placeholder(self, name: str, value: Any, default: tuple) -> Any:
+        """The placeholder of an argument fixed to ``value`` (``default``: ``()`` or the
+        signature's default, in a tuple); returns ``value`` itself."""
+        node = self.create_proxy("placeholder", name, default, {}).node
         how = "is_none" if value is None else "value"
         self.guards.record(node, how, True if value is None else value, "argument fixed at trace time", "")
         return value
@@ -656,9 +680,17 @@ def _own(fn: Any) -> bool:
 _READS = (operator.getitem, builtins.getattr)
 
 
+def _default_of(parameter: inspect.Parameter) -> tuple:
+    """A placeholder's default: the parameter's own, when the generated code can write it."""
+    return () if parameter.default is parameter.empty or not _simple_constant(parameter.default) else (parameter.default,)
+
+
 def _simple_constant(value: Any) -> bool:
-    """Whether ``value`` can be a placeholder's default in generated code."""
-    return value is None or type(value) in (bool, int, float, str)
+    """Whether ``value`` can be a placeholder's default in generated code (and be compared
+    by a guard): None, a bool, number or string, or a tuple or list of them."""
+    if type(value) in (tuple, list):
+        return all(_simple_constant(item) for item in value)
+    return value is None or type(value) in (bool, int, float, complex, str)
 
 
 def _module_output(node: torch.fx.Node) -> bool:
@@ -767,20 +799,8 @@ class Traced(tuple):
         return self
 
 
-def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None) -> Traced:
-    """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
-
-    Args:
-        examples: forward parameter name -> example value (see :class:`QprepTracer`).
-
-    Returns ``(graph_module, notes on submodules kept opaque)``, with ``.guards``; the
-    guards are also in ``gm.meta["qprep"]["guards"]`` and checked in the generated code.
-    Raises :class:`~qprep.errors.TraceError` with the module, source line and fix.
-    """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
-    config = config or PrepareConfig()
-    tracer = QprepTracer(config, examples)
+def _traced_graph_module(tracer: QprepTracer, model: nn.Module, config: PrepareConfig) -> tuple:
+    """The graph (guards inserted) and its GraphModule over ``tracer.root``."""
     try:
         graph = tracer.trace(model, concrete_args=config.concrete_args)
     except TraceError:
@@ -797,7 +817,27 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         # every later trace); qprep's tracer records those calls anyway. Guards keep the mark.
         if node.target is not check_guard:
             node.meta.pop("is_wrapped", None)
-    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    return guards, torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None) -> Traced:
+    """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
+
+    Args:
+        examples: forward parameter name -> example value (see :class:`QprepTracer`).
+
+    Returns ``(graph_module, notes on submodules kept opaque)``, with ``.guards``; the
+    guards are also in ``gm.meta["qprep"]["guards"]`` and checked in the generated code.
+    Raises :class:`~qprep.errors.TraceError` with the module, source line and fix.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
+    config = config or PrepareConfig()
+    tracer = QprepTracer(config, examples)
+    # fx's tracer stores the tensors it meets as constants on the root (``_tensor_constant0``)
+    # and the GraphModule copies them; the model itself gets its attributes back.
+    with structure_kept([model]):
+        guards, gm = _traced_graph_module(tracer, model, config)
     constants_out_of_state(gm)
     _protect_constants(gm)
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)

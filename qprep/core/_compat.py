@@ -19,7 +19,7 @@ __all__ = [
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search", "set_grad_enabled",
+    "autowrap_search", "set_grad_enabled", "has_forward_pre_hooks",
 ]
 
 #: What ``torch.no_grad()``/``enable_grad()``/``set_grad_enabled()`` call to switch grad mode.
@@ -90,6 +90,12 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
         or module._backward_hooks or module._backward_pre_hooks  # noqa: SLF001
         or module._compiled_call_impl is not None  # noqa: SLF001
     )
+
+
+def has_forward_pre_hooks(module: torch.nn.Module) -> bool:
+    """Whether a forward pre-hook (the module's own or a global one) may change the
+    arguments ``module.forward`` gets."""
+    return bool(module._forward_pre_hooks or torch.nn.modules.module._global_forward_pre_hooks)  # noqa: SLF001
 
 
 _GLOBAL_HOOKS = (

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core._compat import mha_fastpath
 from ..core.errors import InputError
-from ..core.inputs import as_positional
+from ..core.inputs import as_positional, check_call, empty_inputs, fit_call
 from ..core.runtime import clone_tree, preserved_state, seeded
 from ..core.text import fmt_float
 from ..modules import (
@@ -79,12 +79,22 @@ class VerifyResult:
     first_bad_pass: str | None = None
     trials: int = 1
     grads: list[OutputCheck] = dataclasses.field(default_factory=list)
+    #: Why this comparison proves less than it seems: empty input tensors (ops on them
+    #: compute nothing) or outputs with no element at all. ``equal`` is still what the
+    #: comparison found; :attr:`conclusive` is ``False``.
+    caveats: tuple[str, ...] = ()
 
     #: Headers of :meth:`rows`.
     HEADERS: ClassVar[tuple[str, ...]] = ("output", "bitwise equal", "max abs diff", "shape", "dtype", "note")
 
     def __bool__(self) -> bool:
         return self.equal
+
+    @property
+    def conclusive(self) -> bool:
+        """``False`` when the inputs or outputs were empty: an EQUIVALENT verdict then
+        proves nothing about the ops that saw no element (see :attr:`caveats`)."""
+        return not self.caveats
 
     @property
     def max_abs_diff(self) -> float:
@@ -103,6 +113,7 @@ class VerifyResult:
             lines.append(f"default fused kernels differ by {fmt_float(self.kernel_diff)} (bound {fmt_float(self.kernel_bound)})")
         if self.first_bad_pass:
             lines.append(f"first pass that broke equality: {self.first_bad_pass}")
+        lines += [f"INCONCLUSIVE: {caveat}" for caveat in self.caveats]
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -110,7 +121,7 @@ class VerifyResult:
             "equal": self.equal, "mode": self.mode, "reference": self.reference,
             "kernel_diff": self.kernel_diff, "kernel_bound": self.kernel_bound,
             "first_bad_pass": self.first_bad_pass, "trials": self.trials,
-            "max_abs_diff": self.max_abs_diff,
+            "max_abs_diff": self.max_abs_diff, "conclusive": self.conclusive, "caveats": list(self.caveats),
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
             "grads": [dataclasses.asdict(o) for o in self.grads],
         }
@@ -198,18 +209,23 @@ def _check(path: str, x: Any, y: Any) -> OutputCheck:
     return OutputCheck(path, equal, diff, tuple(x.shape), str(x.dtype).replace("torch.", ""), magnitude=magnitude)
 
 
-def _run(model: nn.Module, args: tuple, seed: int, params: list | None) -> tuple[Any, list]:
+def _run(model: nn.Module, args: tuple, seed: int, params: list | None,
+         original: nn.Module | None = None) -> tuple[Any, list]:
     """Run with a fixed RNG seed; with ``params`` (a list), also return the gradients of
-    the sum of outputs w.r.t. the floating-point inputs and those parameters."""
+    the sum of outputs w.r.t. the floating-point inputs and those parameters. ``original``:
+    ``model`` is its prepared version, called as :func:`~qprep.core.inputs.fit_call` says."""
     args = clone_tree(args)
+    fit = (lambda a: fit_call(original, model, a)) if original is not None else (lambda a: (a, {}))
     with seeded(seed):
         if params is None:
             with torch.no_grad():
-                return model(*args), []
+                positional, keywords = fit(args)
+                return model(*positional, **keywords), []
         wrt = [a.requires_grad_() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
         # The model gets a copy of each leaf: a forward that updates its input in place
         # (x.add_(y)) may not do so on a leaf that requires grad.
-        out = model(*(a.clone() if any(a is leaf for leaf in wrt) else a for a in args))
+        positional, keywords = fit(tuple(a.clone() if any(a is leaf for leaf in wrt) else a for a in args))
+        out = model(*positional, **keywords)
     tensors = [t for _, t in leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not tensors:
         return out, []
@@ -234,7 +250,7 @@ def _compare_once(original, prepared, args, seed, grad) -> tuple[list[OutputChec
     params_a, params_b = _shared_params(original, prepared) if grad else (None, None)
     with preserved_state(original, prepared):
         out_a, grads_a = _run(original, args, seed, params_a)
-        out_b, grads_b = _run(prepared, args, seed, params_b)
+        out_b, grads_b = _run(prepared, args, seed, params_b, original)
     checks = compare(out_a, out_b)
     grad_checks = compare(grads_a, grads_b, "grad") if grad else []
     return checks, grad_checks
@@ -272,6 +288,7 @@ def verify_outputs(
     if not isinstance(original, nn.Module) or not isinstance(prepared, nn.Module):
         raise InputError("verify() compares two nn.Module instances")
     args = as_positional(inputs, original)
+    check_call(original, args)
     with _modes_kept(original, prepared):
         if train is not None:
             original.train(train)
@@ -281,7 +298,19 @@ def verify_outputs(
         result = VerifyResult(all(c.equal for c in checks + grads), checks, mode, grads=grads)
         if not result.equal:
             result = _against_native(original, prepared, args, seed, grad, result)
-    return result
+    caveats = _caveats(args, result.outputs)
+    return dataclasses.replace(result, caveats=caveats) if caveats else result
+
+
+def _caveats(args: tuple, outputs: list[OutputCheck]) -> tuple[str, ...]:
+    """Why a comparison on ``args`` with these output checks proves little (see
+    :attr:`VerifyResult.caveats`)."""
+    caveats = [f"{name} is empty: ops on an empty tensor compute nothing, so they were not checked"
+               for name in empty_inputs(args)]
+    tensors = [o for o in outputs if o.dtype]
+    if tensors and len(tensors) == len(outputs) and all(0 in o.shape for o in tensors):
+        caveats.append("every output is empty: no output element was compared")
+    return tuple(caveats)
 
 
 @contextlib.contextmanager
