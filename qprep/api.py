@@ -14,14 +14,15 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .capture import capture, split
+from .capture import capture, capture_all, guard_checks, share_call_sites, split
 from .core.dual import DualGraphModule
+from .core.variants import VariantGraphModule, signature_reader
 from .modules.fast_forward import install_fast_forward
 from .core import meta
 from .core.aliases import match_order, match_persistence, restore_missing_state
 from .core.config import PrepareConfig
 from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, QprepError, TraceError
-from .core.inputs import as_positional, check_call, with_concrete
+from .core.inputs import as_positional, check_call, fit_call, with_concrete
 from .core.paths import check_writable
 from .core.records import Preparation, TraceNote
 from .core.runtime import clone_tree, forked_rng, preserved_state, shallow_copy, structure_kept
@@ -62,6 +63,7 @@ def prepare(
     inplace: bool = False,
     check: bool = True,
     report: str | None = None,
+    variants: list | tuple = (),
     **options: Any,
 ) -> torch.fx.GraphModule:
     """Make ``model`` ready for module-level quantization, bit for bit.
@@ -88,6 +90,11 @@ def prepare(
             values in their places. On empty example tensors the check proves nothing: it
             warns (:class:`~qprep.InconclusiveWarning`).
         report: a path (``.html``, ``.md``, ``.json``, ``.txt``) to write the diff report to.
+        variants: more example inputs (each as ``example_inputs``) the prepared model must
+            cover. Where one takes another path through ``forward`` (another answer to a
+            guarded ``if x.size(1) > 1:``), the result holds one graph per path over one
+            set of modules (:class:`~qprep.core.variants.VariantGraphModule`) and runs the
+            first graph whose guards accept a call. Each example is verified.
 
     Raises:
         InputError: not a module, bad example inputs (more than ``forward`` takes, a
@@ -106,6 +113,11 @@ def prepare(
         check_call(model, args, config.concrete_args)
     elif config.concrete_args:
         check_call(model, None, config.concrete_args)
+    if variants and args is None:
+        raise InputError("variants= are further example inputs: give example_inputs too")
+    more = [as_positional(v, model) for v in variants]
+    for other in more:
+        check_call(model, other, config.concrete_args)
     if report:
         report_format(report)
         check_writable(report, "report")
@@ -113,16 +125,16 @@ def prepare(
     # A failure at any step leaves the model as it was: with inplace=True the graph module
     # holds the model's own submodules, so whatever a failing step did to them is undone.
     with structure_kept(model.modules() if inplace else (), on_success=False):
-        return _prepare_work(model, work, config, args, check=check, report=report)
+        return _prepare_work(model, work, config, args, more, check=check, report=report)
 
 
-def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args: tuple | None, *,
+def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args: tuple | None, more: list, *,
                   check: bool, report: str | None) -> torch.fx.GraphModule:
     """:func:`prepare` on ``work`` (``model`` itself or its copy), once the arguments are checked."""
     try:
-        captured = capture(work, config, args)
+        captured = capture_all(work, config, [args, *more])
     except TraceError as exc:
-        if config.on_untraceable != "leaf" or exc.module or args is None:
+        if config.on_untraceable != "leaf" or exc.module or args is None or more:
             raise
         return _prepare_inside(model, work, config, args, exc, check=check, report=report)
     gm = captured.graph_module
@@ -132,11 +144,23 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
         gm.training = model.training
         gm = DualGraphModule(gm, split(gm, "train"), split(gm, "eval"), gm._get_name())
         gm.after_recompile = install_fast_forward
+    elif captured.variants or captured.mode:  # one graph per path, sharing every module the passes made
+        labels = captured.variants
+        if labels:
+            share_call_sites(gm, labels)
+        graphs = [split(gm, label, labels) for label in labels] if labels else [gm.graph]
+        examples = [args, *more]
+        read = signature_reader(graphs[0])
+        signatures = [[_call_signature(read, model, gm, with_concrete(model, examples[i], config.concrete_args))
+                       for i in indices] for indices in captured.members]
+        gm = VariantGraphModule(gm, graphs, [guard_checks(g) for g in graphs], list(labels or ("example 1",)),
+                                gm._get_name(), captured.mode, signatures)
     restore_missing_state(work, gm)
     match_order(work, gm)
     match_persistence(work, gm)
     gm.training = model.training
-    install_fast_forward(gm)
+    if not isinstance(gm, VariantGraphModule):
+        install_fast_forward(gm)
     preparation = Preparation(
         config=config,
         passes=tuple(r.pass_name for r in results),
@@ -155,6 +179,9 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
         result = verify(model, gm, call)
         if result.equal and captured.dual:  # the other mode's graph too
             result = verify(model, gm, call, train=not model.training)
+        for other in more:  # every example, each through the graph its guards choose
+            if result.equal:
+                result = verify(model, gm, with_concrete(model, other, config.concrete_args))
         _warn_if_inconclusive(result)
         preparation = preparation.verified(result)
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
@@ -167,6 +194,12 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
     if report:
         Report.of(gm, type(model).__name__).write(report)
     return gm
+
+
+def _call_signature(read, model: nn.Module, prepared: torch.fx.GraphModule, args: tuple) -> dict:
+    """What ``read`` (:func:`~qprep.core.variants.signature_reader`) makes of ``args``."""
+    positional, keywords = fit_call(model, prepared, args)
+    return read(*positional, **keywords)
 
 
 def _warn_if_inconclusive(result: VerifyResult) -> None:

@@ -36,7 +36,7 @@ def module_files() -> dict[str, pathlib.Path]:
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
-    if module in ("qprep", "qprep.api", "qprep.testing", "qprep.serialize"):
+    if module in ("qprep", "qprep.api", "qprep.testing", "qprep.serialize", "qprep.hf"):
         return "api"
     if module == "qprep.__main__":
         return "cli"

@@ -94,3 +94,51 @@ def test_guards_name_the_branch():
         gm(**example("bert"), output_attentions=True)
     with pytest.raises(qprep.GuardError, match="argument fixed at trace time"):
         gm(**example("bert"), use_cache=True)
+
+
+def _generate_cases():
+    quick = {("llama", "sdpa"), ("gpt2", "eager")}
+    return [pytest.param(n, a, id=f"{n}-{a}", marks=() if (n, a) in quick else pytest.mark.slow)
+            for n, a in CASES if n in DECODERS]
+
+
+@pytest.mark.parametrize("name, attn", _generate_cases())
+def test_generate_gives_the_same_tokens(name, attn, tmp_path):
+    """The wrapper keeps generate(), config, tied weights and state_dict keys; greedy decoding
+    with the KV cache gives the original's tokens, on the example and on a new batch and
+    prompt length; save_pretrained/from_pretrained round-trip the weights."""
+    import qprep.hf
+    from qprep.core.variants import VariantGraphModule
+
+    model = build(name, attn)
+    inputs = example(name, batch=2, seq=6, pad=True)
+    prepared = qprep.hf.prepare_for_generate(model, inputs)
+    assert type(prepared) is type(model) and prepared.config is not None and prepared is not model
+    _, inner = qprep.hf.inner_model(prepared)
+    assert isinstance(inner, torch.fx.GraphModule)
+    assert compute_ops_outside_modules(inner) == []
+    if isinstance(inner, VariantGraphModule):  # prompt and one-token steps: one graph each, one set of modules
+        assert all(compute_ops_outside_modules(torch.fx.GraphModule(inner, g)) == [] for g in inner.variant_graphs)
+    assert list(prepared.state_dict()) == list(model.state_dict())
+    head = prepared.get_output_embeddings()
+    if head is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        assert head.weight is prepared.get_input_embeddings().weight  # still tied
+    for batch_inputs, steps in ((inputs, 8), (example(name, batch=3, seq=9, pad=True, seed=1), 5)):
+        expected = model.generate(**batch_inputs, max_new_tokens=steps, do_sample=False)
+        assert torch.equal(prepared.generate(**batch_inputs, max_new_tokens=steps, do_sample=False), expected)
+    prepared.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    prepared.load_state_dict(model.state_dict())  # strict: the same keys both ways
+
+
+def test_prepare_for_generate_leaves_the_model_alone():
+    import qprep.hf
+
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inner = model.model
+    qprep.hf.prepare_for_generate(model, example("llama", batch=1, seq=5))
+    assert model.model is inner and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(qprep.InputError, match="no generate"):
+        qprep.hf.prepare_for_generate(torch.nn.Linear(2, 2), {})

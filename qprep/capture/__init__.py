@@ -22,11 +22,12 @@ from ..core.provenance import module_scope
 from ..core.records import Change, TraceNote
 from ..core.runtime import clone_tree, forked_rng, preserved_state
 from .analysis import branch_note, has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, same_structure
-from .dual import split, union
+from .dual import share_call_sites, split, union
+from .guards import guard_checks
 from .specialise import example_values, fixed_arguments, trace_specialised
 from .tracer import trace
 
-__all__ = ["Capture", "capture", "trace", "fixed_arguments", "split"]
+__all__ = ["Capture", "capture", "capture_all", "trace", "fixed_arguments", "split", "guard_checks", "share_call_sites"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,81 @@ class Capture:
     notes: tuple[Change, ...]
     guards: tuple[Guard, ...] = ()
     dual: bool = False  # one graph of both modes (qprep.capture.dual): split after the passes
+    variants: tuple[str, ...] = ()  # one graph of several examples' traces: their labels, to split by
+    mode: str | None = None  # "train"/"eval": made for this mode only (a mode-dependent forward's variants)
+    members: tuple[tuple[int, ...], ...] = ()  # per variant, the indices of the examples it covers
+
+
+def capture_all(model: nn.Module, config: PrepareConfig, examples: list[tuple]) -> Capture:
+    """:func:`capture` for each of ``examples``; traces that differ (the examples took
+    different paths, or gave different answers to guarded questions) are merged into one
+    graph of variants (:func:`~qprep.capture.dual.union`), labelled ``example 1``, ...;
+    examples whose trace is another's add nothing."""
+    captures: list[Capture] = []
+    members: list[list[int]] = []  # per distinct trace, the examples (indices) it stands for
+    for i, args in enumerate(examples):
+        current = capture(model, config, args)
+        _add(captures, members, current, [i])
+    mode = None
+    if len(captures) > 1 and any(c.dual for c in captures):
+        # a forward with one path per training mode and per example: the variants are made
+        # for the model's current mode only, and the prepared model refuses the other
+        mode = "train" if model.training else "eval"
+        singles, members_before = [_one_mode(c, mode) for c in captures], members
+        captures, members = [], []
+        for single, indices in zip(singles, members_before):
+            _add(captures, members, single, indices)
+    if len(captures) == 1:
+        return dataclasses.replace(captures[0], mode=mode) if mode else captures[0]
+    labels = tuple(f"example {m[0] + 1} ({_shapes(examples[m[0]])})" for m in members)
+    gm = union([c.graph_module for c in captures], labels)
+    guards = _distinct(g for c in captures for g in c.guards)
+    notes = _distinct(n for c in captures for n in c.notes)
+    trace_notes = _distinct(n for c in captures for n in c.trace_notes)
+    return Capture(gm, trace_notes, captures[0].fixed, notes, guards, False, labels, mode,
+                   tuple(tuple(m) for m in members))
+
+
+def _add(captures: list[Capture], members: list[list[int]], current: Capture, indices: list[int]) -> None:
+    for kept, its in zip(captures, members):
+        if _same_trace(current, kept):
+            its.extend(indices)
+            return
+    captures.append(current)
+    members.append(list(indices))
+
+
+def _one_mode(captured: Capture, mode: str) -> Capture:
+    """A two-mode capture's graph of ``mode`` alone."""
+    if not captured.dual:
+        return captured
+    gm = captured.graph_module
+    single = torch.fx.GraphModule(gm, split(gm, mode), gm._get_name())
+    single.meta.update(gm.meta)
+    return dataclasses.replace(captured, graph_module=single, dual=False)
+
+
+def _distinct(items) -> tuple:
+    found: list = []
+    for item in items:
+        if item not in found:
+            found.append(item)
+    return tuple(found)
+
+
+def _same_trace(a: Capture, b: Capture) -> bool:
+    return a.graph_module.code == b.graph_module.code and a.guards == b.guards
+
+
+def _shapes(args: tuple) -> str:
+    """``1x8, 1x8`` for two tensors: an example's tensor shapes, for labels and errors."""
+    parts = []
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            parts.append("x".join(map(str, value.shape)) or "scalar")
+        else:
+            parts.append(type(value).__name__)
+    return ", ".join(parts)
 
 
 def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capture:
@@ -63,7 +139,7 @@ def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capt
             notes += mark_training_dependence(gm, flipped[0], mode, _scope_mode(model))
         else:  # forward branches on self.training: one graph per mode, over the same modules
             train_gm, eval_gm = (gm, flipped[0]) if model.training else (flipped[0], gm)
-            gm, dual = union(train_gm, eval_gm), True
+            gm, dual = union([train_gm, eval_gm]), True
             guards = guards + tuple(g for g in flipped.guards if g not in guards)
             notes.append(branch_note(gm))
     return Capture(gm, tuple(trace_notes), fixed, tuple(notes), guards, dual)

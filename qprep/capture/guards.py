@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..core.guards import Guard, check_guard
+from ..core.guards import Guard, check_guard, is_guard
 from ..core.template import tree_any
 
-__all__ = ["GuardRecorder", "insert_guards", "describe", "reads_metadata_only"]
+__all__ = ["GuardRecorder", "insert_guards", "guard_checks", "describe", "reads_metadata_only"]
 
 # Ops that only read metadata: a guard built from them and the inputs can run first.
 _METADATA_METHODS = frozenset({
@@ -182,3 +182,23 @@ def insert_guards(graph: torch.fx.Graph, recorder: GuardRecorder) -> tuple[Guard
                 anchor.append(node)
             anchor = node
     return tuple(guards)
+
+
+def guard_checks(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A graph with ``graph``'s parameters that runs only its input-only guard checks (and
+    the metadata reads they need) and returns ``None``: whether a call is one ``graph``
+    covers, decided before anything is computed."""
+    keep: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if is_guard(node):
+            ancestors = _metadata_ancestors(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else []
+            if ancestors is not None:
+                keep.update(ancestors)
+                keep.add(node)
+    checks = torch.fx.Graph(tracer_cls=graph._tracer_cls)  # noqa: SLF001
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder" or node in keep:
+            env[node] = checks.node_copy(node, env.__getitem__)
+    checks.output(None)
+    return checks

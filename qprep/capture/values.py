@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core import meta
 from ..core._compat import ORIGINAL_MODULE_CALL, extract_tensor_metadata
+from ..core.runtime import copy_object, plain_object
 from ..core.template import tree_any
 
 __all__ = ["UNKNOWN", "Values", "value_of", "is_known"]
@@ -184,7 +185,15 @@ class Values:
             if node.target.startswith("**"):
                 return {}  # no extra keyword arguments in the example
             raise _NoValue
-        return self.to_meta(self.examples[name])
+        value = self.examples[name]
+        if plain_object(value):  # a KV cache, say: traced code calls it, so on a copy of meta tensors
+            return self._object_to_meta(value)
+        return self.to_meta(value)
+
+    def _object_to_meta(self, obj: Any) -> Any:
+        """A deep copy of ``obj`` with each tensor it holds replaced by its meta twin (the
+        traced code may update the object: the user's own stays as it is)."""
+        return copy_object(obj, self._tensor_to_meta, always=True)
 
     def _inputs_device(self, *values: Any) -> torch.device | None:
         found: list[torch.device] = []

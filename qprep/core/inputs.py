@@ -11,7 +11,7 @@ import torch.nn as nn
 from ._compat import has_forward_pre_hooks
 from .errors import InputError
 
-__all__ = ["as_positional", "check_call", "with_concrete", "empty_inputs", "fit_call"]
+__all__ = ["as_positional", "check_call", "with_concrete", "empty_inputs", "fit_call", "call_form"]
 
 
 def as_positional(inputs: Any, model: nn.Module | None = None) -> tuple:
@@ -117,23 +117,36 @@ def with_concrete(model: nn.Module, args: tuple, concrete_args: dict | None) -> 
     return args + _keywords_in_order(model, keyed)[len(args):]
 
 
+def call_form(model: nn.Module, args: tuple) -> tuple[tuple, dict]:
+    """``model(*args)`` as ``model(*positional, **keywords)``: each argument that may go by
+    name goes by name (a Hugging Face ``forward`` under decorators that re-pass some
+    arguments by keyword takes no other call), the rest by position."""
+    sig = _forward_signature(model)
+    if sig is None:
+        return args, {}
+    params = list(sig.parameters.values())
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(named) or any(p.kind == p.POSITIONAL_ONLY for p in named[len(args):]):
+        return args, {}  # *args took the rest, or too few for positional-only ones: as given
+    head = sum(1 for p in named[: len(args)] if p.kind == p.POSITIONAL_ONLY)
+    return tuple(args[:head]), {p.name: a for p, a in zip(named[head:], args[head:])}
+
+
 def fit_call(original: nn.Module, prepared: nn.Module, args: tuple) -> tuple[tuple, dict]:
-    """``prepared``'s call for ``original(*args)``. An argument fixed to an object at trace
-    time is no parameter of the prepared model's any more, and the ones after it may be
-    keyword-only there (behind a ``*name`` that must stay empty): those are passed by
-    keyword and the fixed one left out."""
-    if not isinstance(prepared, torch.fx.GraphModule):
-        return args, {}
-    targets = [n.target for n in prepared.graph.nodes if n.op == "placeholder"]
-    stars = [i for i, t in enumerate(targets) if t.startswith("*") and not t.startswith("**")]
-    sig = _forward_signature(original)
-    if sig is None or not stars or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
-        return args, {}
-    before, after = set(targets[: stars[0]]), set(targets[stars[0] + 1:])
-    positional = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    head = tuple(value for name, value in zip(positional, args) if name in before)
-    keywords = {name: value for name, value in zip(positional, args) if name in after}
-    return head + tuple(args[len(positional):]), keywords
+    """``prepared``'s call for ``original(*args)`` (:func:`call_form`). An argument fixed to
+    an object at trace time is no parameter of a prepared GraphModule any more: left out."""
+    positional, keywords = call_form(original, args)
+    if isinstance(prepared, torch.fx.GraphModule):
+        names = {n.target.lstrip("*") for n in prepared.graph.nodes if n.op == "placeholder"}
+        if not any(n.op == "placeholder" and n.target.startswith("**") for n in prepared.graph.nodes):
+            keywords = {k: v for k, v in keywords.items() if k in names}
+        return positional, keywords
+    sig = _forward_signature(prepared)  # another module (a wrapper): by name only where it takes names
+    takes = sig is not None and all(
+        k in sig.parameters and sig.parameters[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                           inspect.Parameter.KEYWORD_ONLY)
+        for k in keywords) or sig is not None and any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    return (positional, keywords) if takes else (args, {})
 
 
 def empty_inputs(args: tuple) -> list[str]:

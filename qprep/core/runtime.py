@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["preserved_state", "forked_rng", "clone_tree", "map_tensors", "seeded", "structure_kept",
+__all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_object", "map_tensors", "seeded", "structure_kept",
            "shallow_copy"]
 
 
@@ -116,5 +116,102 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 
 def clone_tree(value: Any) -> Any:
-    """``value`` with every tensor cloned (a model may update its inputs in place)."""
-    return map_tensors(value, torch.Tensor.clone)
+    """``value`` with every tensor cloned (a model may update its inputs in place), and
+    every other object (an instance of a user class, as a KV cache) deep-copied."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(clone_tree(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone_tree(v) for v in value)
+    if isinstance(value, dict):
+        out = dict.fromkeys(value) if type(value) is dict else value.copy()
+        for k, v in value.items():
+            out[k] = clone_tree(v)
+        return out
+    return copy_object(value, torch.Tensor.clone, always=True) if plain_object(value) else value
+
+
+def copy_object(obj: Any, fn: Callable[[torch.Tensor], Any], always: bool = False) -> Any:
+    """A deep copy of ``obj`` with each tensor it holds (a few levels down) replaced by
+    ``fn(tensor)``; ``obj`` itself when it cannot be copied, or holds no tensor (unless
+    ``always``)."""
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            memo[id(value)] = fn(value)
+        elif depth >= 8 or isinstance(value, (nn.Module, type)):
+            return
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                visit(item, depth + 1)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth + 1)
+        elif hasattr(value, "__dict__") and not callable(value):
+            for item in vars(value).values():
+                visit(item, depth + 1)
+
+    visit(obj, 0)
+    if not memo and not always:
+        return obj
+    try:
+        return copy.deepcopy(obj, memo)
+    except Exception:  # noqa: BLE001  (an object that cannot be copied: as it is)
+        return obj
+
+
+def plain_object(value: Any) -> bool:
+    """An instance of a user class (not a tensor, module, container, class or function)."""
+    return (hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, nn.Module, type, list, tuple, dict))
+            and not callable(value))
+
+
+def copy_object(obj: Any, fn: Callable[[torch.Tensor], Any], always: bool = False) -> Any:
+    """A deep copy of ``obj`` with each tensor it holds (a few levels down) replaced by
+    ``fn(tensor)``; ``obj`` itself when it cannot be copied, or holds no tensor (unless
+    ``always``)."""
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            memo[id(value)] = fn(value)
+        elif depth >= 8 or isinstance(value, (nn.Module, type)):
+            return
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                visit(item, depth + 1)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth + 1)
+        elif hasattr(value, "__dict__") and not callable(value):
+            for item in vars(value).values():
+                visit(item, depth + 1)
+
+    visit(obj, 0)
+    if not memo and not always:
+        return obj
+    try:
+        return copy.deepcopy(obj, memo)
+    except Exception:  # noqa: BLE001  (an object that cannot be copied: as it is)
+        return obj
+
+
+def holds_tensors(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is an object (not a tensor, container, module or class) with a
+    tensor among its attributes, a few levels down."""
+    if isinstance(value, (torch.Tensor, nn.Module, type, list, tuple, dict)) or not hasattr(value, "__dict__") \
+            or callable(value) or depth > 4:
+        return False
+
+    def inside(v: Any) -> bool:
+        if isinstance(v, torch.Tensor):
+            return True
+        if isinstance(v, (list, tuple)):
+            return any(inside(x) for x in v)
+        if isinstance(v, dict):
+            return any(inside(x) for x in v.values())
+        return holds_tensors(v, depth + 1)
+
+    return any(inside(v) for v in vars(value).values())

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core._compat import mha_fastpath
 from ..core.errors import InputError
-from ..core.inputs import as_positional, check_call, empty_inputs, fit_call
+from ..core.inputs import as_positional, call_form, check_call, empty_inputs, fit_call
 from ..core.runtime import clone_tree, preserved_state, seeded
 from ..core.text import fmt_float
 from ..modules import (
@@ -215,7 +215,7 @@ def _run(model: nn.Module, args: tuple, seed: int, params: list | None,
     the sum of outputs w.r.t. the floating-point inputs and those parameters. ``original``:
     ``model`` is its prepared version, called as :func:`~qprep.core.inputs.fit_call` says."""
     args = clone_tree(args)
-    fit = (lambda a: fit_call(original, model, a)) if original is not None else (lambda a: (a, {}))
+    fit = (lambda a: fit_call(original, model, a)) if original is not None else (lambda a: call_form(model, a))
     with seeded(seed):
         if params is None:
             with torch.no_grad():
