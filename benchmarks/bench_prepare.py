@@ -326,20 +326,21 @@ def latency_rows(models, repeats):
 
 
 def _zoo(names: list[str] | None, quick: bool):
-    chosen = [(n, f) for n, f in MODELS if (names is None and (not quick or n in QUICK)) or (names and n in names)]
+    """(name, model, input) for the chosen models, built one at a time (all of them at once
+    would hold about 1.5 GB of weights)."""
     if names:
         unknown = set(names) - {n for n, _ in MODELS}
         if unknown:
             raise SystemExit(f"unknown models: {', '.join(sorted(unknown))}; known: {', '.join(n for n, _ in MODELS)}")
-    out = []
-    for name, make in chosen:
+    for name, make in MODELS:
+        if names is not None and name not in names or names is None and quick and name not in QUICK:
+            continue
         try:
             model = make()
         except ImportError as exc:  # timm is a test extra
             print(f"  skipped {name}: {exc}", file=sys.stderr)
             continue
-        out.append((name, model.eval(), torch.randn(1, 3, 224, 224)))
-    return out
+        yield name, model.eval(), torch.randn(1, 3, 224, 224)
 
 
 def main(argv=None):

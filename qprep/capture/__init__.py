@@ -23,6 +23,7 @@ from ..core.records import Change, TraceNote
 from ..core.runtime import clone_tree, forked_rng, preserved_state
 from .analysis import branch_note, has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, same_structure
 from .dual import split, union
+from .memo import shared_results
 from .specialise import example_values, fixed_arguments, trace_specialised
 from .tracer import trace
 
@@ -47,6 +48,11 @@ def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capt
     """Trace ``model`` for example inputs ``args`` (a tuple of positional arguments, or
     ``None``) and analyse the graph. ``model`` is traced on meta tensors, not run (but for
     a check of the example inputs when some op could not run on meta tensors)."""
+    with shared_results():  # both modes' traces reuse each other's op results
+        return _capture(model, config, args)
+
+
+def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capture:
     traced, fixed = trace_specialised(model, config, args)
     gm, trace_notes = traced
     if args is not None and traced.failures:

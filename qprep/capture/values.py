@@ -33,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..core import meta
 from ..core._compat import ORIGINAL_MODULE_CALL, extract_tensor_metadata
 from ..core.template import tree_any
+from .memo import current_results, function_key, method_key, module_key
 
 __all__ = ["UNKNOWN", "Values", "value_of", "is_known"]
 
@@ -119,6 +120,7 @@ class Values:
         self._twins: dict[int, nn.Module] = {}
         self._devices = WeakIdKeyDictionary()  # meta tensor -> the real device it stands for
         self.failures: dict[str, _Failure] = {}
+        self.results = current_results()  # op results remembered (shared by the traces of one capture)
 
     # -- what a node's value is --------------------------------------------------------
     def record(self, node: torch.fx.Node) -> None:
@@ -134,7 +136,7 @@ class Values:
             return
         node.meta[meta.VAL] = value
         if isinstance(value, torch.Tensor):
-            node.meta[meta.TENSOR_META] = extract_tensor_metadata(value)
+            node.meta[meta.TENSOR_META] = _tensor_meta(value, self.results.tensor_meta)
         meta.set_facts(node, **{meta.VALUE: {
             "type": torch.Tensor if isinstance(value, torch.Tensor) else type(value),
             "shape": tuple(value.shape) if isinstance(value, torch.Tensor) else None,
@@ -198,11 +200,16 @@ class Values:
         if _in(SHAPE_PRESERVING_FUNCTIONS, target) and args and isinstance(args[0], torch.Tensor) \
                 and not kwargs.get("inplace") and kwargs.get("dtype") is None:
             return self._like(self.to_meta(args[0]), self.to_meta(args[1:]), self.to_meta(kwargs))
+        if kwargs.get("inplace") is True and _in(SHAPE_PRESERVING_FUNCTIONS, target) and args \
+                and _updatable(args[0]):
+            return args[0]  # an in-place activation returns its input, unchanged but for its data
         device = _requested_device(kwargs)
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
         if device is not None and "device" not in kwargs:
             kwargs["device"] = _META
-        out = target(*args, **kwargs)
+        tensors: list = []
+        key = function_key(target, args, kwargs, tensors)
+        out = self.results.run(key, tensors, lambda: target(*args, **kwargs))
         return self._outputs(out, device or self._inputs_device(args, kwargs))
 
     def _call_method(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -214,7 +221,9 @@ class Values:
             return device.index if device.type != "cpu" else -1
         device = _requested_device(kwargs)
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
-        out = getattr(args[0], name)(*args[1:], **kwargs)
+        tensors: list = []
+        key = method_key(name, args, kwargs, tensors)
+        out = self.results.run(key, tensors, lambda: getattr(args[0], name)(*args[1:], **kwargs))
         return self._outputs(out, device or self._inputs_device(args))
 
     def _move(self, t: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -247,10 +256,15 @@ class Values:
         module = self.root.get_submodule(target)
         args, kwargs = self.to_meta(args), self.to_meta(kwargs)
         device = self._inputs_device(args, kwargs)
-        if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
-                and not getattr(module, "inplace", False):
-            return self._like(args[0], tuple(module.parameters(recurse=False)), {})
-        return self._outputs(ORIGINAL_MODULE_CALL(self._twin(module), *args, **kwargs), device)
+        if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            if not getattr(module, "inplace", False):
+                return self._like(args[0], tuple(module.parameters(recurse=False)), {})
+            if _updatable(args[0]) and not module._parameters:  # noqa: SLF001
+                return args[0]  # an in-place activation returns its input, unchanged but for its data
+        tensors: list = []
+        key = module_key(module, args, kwargs, tensors)
+        out = self.results.run(key, tensors, lambda: ORIGINAL_MODULE_CALL(self._twin(module), *args, **kwargs))
+        return self._outputs(out, device)
 
     def _like(self, first: torch.Tensor, others: Any, kwargs: dict) -> torch.Tensor:
         """A new meta tensor shaped like ``first``, requiring grad when an input does (and,
@@ -261,13 +275,17 @@ class Values:
         return self._outputs(out.requires_grad_().clone() if grads else out, self.device(first))
 
     def _twin(self, module: nn.Module) -> nn.Module:
-        """``module`` with every parameter and buffer a meta tensor, hooks removed (a
-        structural copy; the module itself when it already lives on the meta device)."""
+        """``module`` with every parameter and buffer a meta tensor, hooks removed (the
+        module itself when it already lives on the meta device). A ``torch.nn`` module's
+        twin is a shallow structural copy (torch's own forwards change no attribute of
+        theirs); any other module's is a deep copy, which its forward may change freely."""
         twin = self._twins.get(id(module))
         if twin is None:
             state = [*module.parameters(), *module.buffers()]
             if all(t.is_meta for t in state):
                 twin = module
+            elif _torch_nn(module):
+                twin = self._shallow_twin(module)
             else:
                 twin = copy.deepcopy(module, {id(t): self.to_meta(t) for t in state})
                 for m in twin.modules():
@@ -276,6 +294,23 @@ class Values:
                         hooks.clear()
             self._twins[id(module)] = twin
             self._real.append(module)
+        return twin
+
+    def _shallow_twin(self, module: nn.Module) -> nn.Module:
+        twin = object.__new__(type(module))
+        state = {}
+        for name, value in module.__dict__.items():
+            if name in _HOOK_DICTS:
+                value = type(value)()
+            elif name == "_modules":
+                value = {k: None if m is None else self._shallow_twin(m) for k, m in value.items()}
+            elif name in ("_parameters", "_buffers"):
+                value = {k: None if t is None else self.to_meta(t) for k, t in value.items()}
+            elif isinstance(value, torch.Tensor) or isinstance(value, (list, tuple, dict)) and tree_any(
+                    value, lambda v: isinstance(v, torch.Tensor)):
+                value = self.to_meta(value)  # ``nn.LSTM._flat_weights``: the twin's own parameters
+            state[name] = value
+        twin.__dict__.update(state)
         return twin
 
     # -- meta tensors ----------------------------------------------------------------
@@ -351,3 +386,36 @@ def _meta_devices(kwargs: dict) -> dict:
     if "device" in kwargs and isinstance(kwargs["device"], (str, torch.device)):
         kwargs = {**kwargs, "device": _META}
     return kwargs
+
+
+#: Hook dictionaries of ``nn.Module`` (a twin starts with none).
+_HOOK_DICTS = frozenset(k for k, v in nn.Module().__dict__.items() if k.endswith("hooks") or "hooks_" in k)
+
+
+def _torch_nn(module: nn.Module) -> bool:
+    """Whether ``module`` and its submodules are of ``torch.nn``'s own classes, with
+    parameters that are plain ``Parameter`` objects (not lazy ones)."""
+    for m in module.modules():
+        if not type(m).__module__.startswith("torch.nn.modules."):
+            return False
+        if any(p is not None and type(p) is not nn.Parameter for p in m._parameters.values()):  # noqa: SLF001
+            return False
+    return True
+
+
+def _updatable(t: Any) -> bool:
+    """Whether an in-place op may update ``t`` (eager mode refuses a leaf that requires grad
+    and a view of one: those run, and fail, as in eager mode)."""
+    return isinstance(t, torch.Tensor) and (not t.requires_grad or not t.is_leaf and not t._is_view())  # noqa: SLF001
+
+
+def _tensor_meta(t: torch.Tensor, memo: dict):
+    """``extract_tensor_metadata(t)``, made once per shape, strides, dtype and grad flag
+    in ``memo`` (the memory format it finds is the costly part)."""
+    if not t.is_meta or t.is_quantized or t.layout is not torch.strided:
+        return extract_tensor_metadata(t)
+    key = (t.shape, t.stride(), t.dtype, t.requires_grad)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = extract_tensor_metadata(t)
+    return found._replace(qparams={})
