@@ -591,10 +591,12 @@ def _mutates_first_argument(node: torch.fx.Node) -> bool:
     return False
 
 
-def _protect_constants(gm: torch.fx.GraphModule) -> None:
+def _protect_constants(gm: torch.fx.GraphModule) -> bool:
     """A tensor made at trace time (``z = torch.zeros(3)``) is a constant of the graph; when
     the graph updates it in place (``z += x``), each call would see the last call's update.
-    Such a constant is cloned where the graph reads it, as eager mode makes a fresh one."""
+    Such a constant is cloned where the graph reads it, as eager mode makes a fresh one.
+    Returns whether the graph changed."""
+    changed = False
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or not node.target.startswith("_tensor_constant"):
             continue
@@ -604,6 +606,8 @@ def _protect_constants(gm: torch.fx.GraphModule) -> None:
             fresh = gm.graph.call_method("clone", (node,))
         fresh.meta = dict(node.meta)
         node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
+        changed = True
+    return changed
 
 
 def _constants_out_of_state(gm: torch.fx.GraphModule) -> None:
@@ -663,9 +667,9 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
             node.meta.pop("is_wrapped", None)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _constants_out_of_state(gm)
-    _protect_constants(gm)
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.recompile()
+    protected = _protect_constants(gm)
+    if gm.graph.eliminate_dead_code(is_impure_node=_is_impure) or protected:
+        gm.recompile()  # the code made with the GraphModule is stale only if the graph changed since
     aliases = _module_aliases(model)
     if aliases:
         meta.set_graph_facts(gm, **{meta.MODULE_ALIASES: aliases})
