@@ -48,7 +48,10 @@ def union(train: torch.fx.GraphModule, evaluation: torch.fx.GraphModule) -> torc
     attrs: dict[str, Any] = {}
     env_train: dict[torch.fx.Node, torch.fx.Node] = {}
     open_keys: dict[tuple, list[torch.fx.Node]] = {}
-    position: dict[torch.fx.Node, int] = {}
+    # A node's place in the union graph: (i, 0) for the i-th train node, (i, k) for the k-th
+    # eval-only node placed after it. Eval-only nodes are placed right after the cursor,
+    # which only moves forward, so these pairs stay in graph order without renumbering.
+    position: dict[torch.fx.Node, tuple[int, int]] = {}
     outputs: list[Any] = [None, None]
 
     for node in train.graph.nodes:
@@ -59,7 +62,7 @@ def union(train: torch.fx.GraphModule, evaluation: torch.fx.GraphModule) -> torc
         _take_attr(train, evaluation, node, new, attrs)
         key = _key(node, env_train)
         env_train[node] = new
-        position[new] = len(position)
+        position[new] = (len(position), 0)
         meta.set_facts(new, **{meta.MODES: ("train",)})
         open_keys.setdefault(key, []).append(new)
 
@@ -82,19 +85,13 @@ def union(train: torch.fx.GraphModule, evaluation: torch.fx.GraphModule) -> torc
             new = graph.node_copy(node, env_eval.__getitem__)
         _take_attr(evaluation, train, node, new, attrs)
         meta.set_facts(new, **{meta.MODES: ("eval",)})
-        position[new] = position[anchor] + 0.5 if anchor is not None else -1
-        _renumber(graph, position)
+        position[new] = (position[anchor][0], position[anchor][1] + 1) if anchor is not None else (-1, 0)
         env_eval[node] = cursor = new
     graph.output(tuple(outputs))
     gm = torch.fx.GraphModule(attrs, graph, train._get_name())
     gm.training = train.training
     gm.meta.update(train.meta)
     return gm
-
-
-def _renumber(graph: torch.fx.Graph, position: dict) -> None:
-    for i, n in enumerate(graph.nodes):
-        position[n] = i
 
 
 def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node | None:
