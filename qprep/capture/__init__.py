@@ -63,7 +63,8 @@ def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Cap
     if has_mode_sensitive_calls(gm) or may_depend_on_mode(model, leaf_types):
         examples = example_values(model, args) if args is not None else None
         with _flipped_modes(model):
-            flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples)
+            flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples,
+                            code_on_demand=True)  # compared, or merged into a new graph: never run
         mode = "train" if model.training else "eval"
         if same_structure(gm, flipped[0]):
             notes += mark_training_dependence(gm, flipped[0], mode, _scope_mode(model))

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
-from ..core._compat import last_node, mha_fastpath, new_patcher, wrapped_function_registry
+from ..core._compat import graph_module, last_node, mha_fastpath, new_patcher, wrapped_function_registry
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
 from ..core.guards import CONVERSIONS, Guard, check_guard
@@ -635,11 +635,14 @@ class Traced(tuple):
         return self
 
 
-def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None) -> Traced:
+def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None, *,
+          code_on_demand: bool = False) -> Traced:
     """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
 
     Args:
         examples: forward parameter name -> example value (see :class:`QprepTracer`).
+        code_on_demand: the GraphModule generates its code only when run or read (for a
+            trace that is compared and dropped).
 
     Returns ``(graph_module, notes on submodules kept opaque)``, with ``.guards``; the
     guards are also in ``gm.meta["qprep"]["guards"]`` and checked in the generated code.
@@ -665,7 +668,7 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         # every later trace); qprep's tracer records those calls anyway. Guards keep the mark.
         if node.target is not check_guard:
             node.meta.pop("is_wrapped", None)
-    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    gm = graph_module(tracer.root, graph, model.__class__.__name__, code_on_demand=code_on_demand)
     _constants_out_of_state(gm)
     protected = _protect_constants(gm)
     if gm.graph.eliminate_dead_code(is_impure_node=_is_impure) or protected:
