@@ -28,7 +28,6 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core import meta
 from ..core._compat import ORIGINAL_MODULE_CALL, extract_tensor_metadata
@@ -78,6 +77,7 @@ SHAPE_PRESERVING_FUNCTIONS = frozenset({
 
 # Keyword and positional device arguments are evaluated on the meta device.
 _META = torch.device("meta")
+_CPU = torch.device("cpu")
 
 
 def value_of(node: Any) -> Any:
@@ -118,7 +118,9 @@ class Values:
         self._meta_of: dict[int, torch.Tensor] = {}  # id(real tensor) -> its meta twin
         self._real: list[torch.Tensor] = []  # keeps the real tensors alive so ids stay unique
         self._twins: dict[int, nn.Module] = {}
-        self._devices = WeakIdKeyDictionary()  # meta tensor -> the real device it stands for
+        # id(meta tensor) -> (the tensor, kept alive so that ids stay unique; the real device it stands for)
+        self._devices: dict[int, tuple[torch.Tensor, torch.device]] = {}
+        self._modules: dict[str, nn.Module] = {}  # call_module target -> module
         self.failures: dict[str, _Failure] = {}
         self.results = current_results()  # op results remembered (shared by the traces of one capture)
 
@@ -160,7 +162,8 @@ class Values:
 
     def device(self, value: torch.Tensor) -> torch.device:
         """The real device the meta tensor ``value`` stands for."""
-        return self._devices.get(value, torch.device("cpu"))
+        found = self._devices.get(id(value))
+        return found[1] if found is not None else _CPU
 
     # -- evaluation ------------------------------------------------------------------
     def _evaluate(self, node: torch.fx.Node) -> Any:
@@ -187,6 +190,11 @@ class Values:
         return self.to_meta(self.examples[name])
 
     def _inputs_device(self, *values: Any) -> torch.device | None:
+        for v in values[0]:  # the common case: a tensor among the positional arguments, before any container
+            if isinstance(v, torch.Tensor):
+                return self.device(v) if v.is_meta else v.device
+            if isinstance(v, (list, tuple, dict, slice)):
+                break
         found: list[torch.device] = []
 
         def visit(v):
@@ -253,7 +261,9 @@ class Values:
         return self._outputs(out, device)
 
     def _call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        module = self.root.get_submodule(target)
+        module = self._modules.get(target)
+        if module is None:
+            module = self._modules[target] = self.root.get_submodule(target)
         args, kwargs = self.to_meta(args), self.to_meta(kwargs)
         device = self._inputs_device(args, kwargs)
         if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
@@ -271,7 +281,10 @@ class Values:
         as in eager mode, not a leaf then)."""
         grads = torch.is_grad_enabled() and tree_any(
             (first, others, kwargs), lambda v: isinstance(v, torch.Tensor) and v.requires_grad)
-        out = torch.empty_like(first)
+        if first.stride() == _contiguous_strides(first.shape):  # empty_like's meta kernel is Python, ~25 us
+            out = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device=_META)
+        else:
+            out = torch.empty_like(first)
         return self._outputs(out.requires_grad_().clone() if grads else out, self.device(first))
 
     def _twin(self, module: nn.Module) -> nn.Module:
@@ -319,7 +332,7 @@ class Values:
         has one twin); Parameters stay Parameters."""
         if isinstance(value, torch.Tensor):
             return self._tensor_to_meta(value)
-        if isinstance(value, (list, tuple, dict, slice)) and tree_any(value, lambda v: isinstance(v, torch.Tensor)):
+        if isinstance(value, (list, tuple, dict, slice)) and tree_any(value, _real_tensor):
             if isinstance(value, tuple) and hasattr(value, "_fields"):
                 return type(value)(*(self.to_meta(v) for v in value))
             if isinstance(value, (list, tuple)):
@@ -342,7 +355,7 @@ class Values:
                 found = nn.Parameter(found, requires_grad=t.requires_grad)
             elif t.requires_grad:
                 found.requires_grad_(True)
-            self._devices[found] = t.device
+            self._devices[id(found)] = (found, t.device)
             self._meta_of[id(t)] = found
             self._real.append(t)
         return found
@@ -352,8 +365,8 @@ class Values:
         out = self.to_meta(out)
         if device is not None:
             def mark(v):
-                if isinstance(v, torch.Tensor) and v not in self._devices:
-                    self._devices[v] = device
+                if isinstance(v, torch.Tensor) and id(v) not in self._devices:
+                    self._devices[id(v)] = (v, device)
 
             map_aggregate(out, mark) if not isinstance(out, torch.Tensor) else mark(out)
         return out
@@ -401,6 +414,19 @@ def _torch_nn(module: nn.Module) -> bool:
         if any(p is not None and type(p) is not nn.Parameter for p in m._parameters.values()):  # noqa: SLF001
             return False
     return True
+
+
+def _real_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not value.is_meta
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (which ``empty_like`` keeps as they are)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _updatable(t: Any) -> bool:
