@@ -117,13 +117,20 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+_SKIPPED: dict[str, bool] = {}  # file name -> whether its frames are left out (asked per node, per frame)
+
+
 def _user_frames(depth: int) -> list[tuple[str, int, str]]:
     frames = []
     frame = sys._getframe(depth)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_FRAMES) or filename == _EXAMPLES:
-            frames.append((filename, frame.f_lineno, frame.f_code.co_name))
+        code = frame.f_code
+        filename = code.co_filename
+        skipped = _SKIPPED.get(filename)
+        if skipped is None:
+            skipped = _SKIPPED[filename] = filename.startswith(_SKIP_FRAMES) and filename != _EXAMPLES
+        if not skipped:
+            frames.append((filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
     frames.reverse()
     return frames
