@@ -8,7 +8,8 @@ Targets (issue 8): ``prepare(model, example_inputs, check=False)`` <= 1.5x
 ``torch.fx.symbolic_trace(model)``, median over the models below (random weights, nothing
 downloaded; models plain fx can trace, so the ratio exists), and prepare with verification
 no more than that plus two forward passes (batch 1, 224x224). Each row times fx and prepare
-alternately, after one warm-up call of each, and reports medians. Everything runs on one
+alternately, after one warm-up call of each, and reports medians; ``inplace/fx`` is
+``prepare(..., inplace=True)``, without the copy of the model. Everything runs on one
 thread (``torch.set_num_threads(1)``): steadier on a shared machine.
 
 The stage breakdown comes from one more, instrumented ``prepare(check=True)`` per model: the
@@ -249,12 +250,14 @@ def prepare_rows(models, repeats: int):
         t = _alternating({
             "fx": lambda: torch.fx.symbolic_trace(model),
             "prep": lambda: qprep.prepare(model, (x,), check=False),
+            "inplace": lambda: qprep.prepare(model, (x,), check=False, inplace=True),
         }, repeats)
         t_check = _alternating({"check": lambda: qprep.prepare(model, (x,))}, max(1, repeats // 2))["check"]
         t_fwd2 = _forward_twice(model, x)
         breakdown, total, lost = stage_times(model, x)
         missing.update(lost)
-        rows.append(dict(name=name, nodes=n, fx=t["fx"], prep=t["prep"], check=t_check, fwd2=t_fwd2))
+        rows.append(dict(name=name, nodes=n, fx=t["fx"], prep=t["prep"], inplace=t["inplace"], check=t_check,
+                         fwd2=t_fwd2))
         stages.append((name, breakdown, total))
         print(f"  {name}: prepare/fx {t['prep'] / t['fx']:.2f}x", file=sys.stderr, flush=True)
     return rows, stages, sorted(missing)
@@ -266,15 +269,16 @@ def _ms(s: float) -> str:
 
 def print_prepare(rows, stages, missing) -> None:
     table = [[r["name"], r["nodes"], _ms(r["fx"]), _ms(r["prep"]), f"{r['prep'] / r['fx']:.2f}x",
-              _ms(r["check"]), f"{r['check'] / r['fx']:.2f}x", _ms(r["fwd2"]),
+              f"{r['inplace'] / r['fx']:.2f}x", _ms(r["check"]), f"{r['check'] / r['fx']:.2f}x", _ms(r["fwd2"]),
               f"{(r['prep'] + r['fwd2']) / r['fx']:.2f}x"] for r in rows]
     med = lambda key: statistics.median(key(r) for r in rows)  # noqa: E731
-    table.append(["median", "", "", "", f"{med(lambda r: r['prep'] / r['fx']):.2f}x", "",
+    table.append(["median", "", "", "", f"{med(lambda r: r['prep'] / r['fx']):.2f}x",
+                  f"{med(lambda r: r['inplace'] / r['fx']):.2f}x", "",
                   f"{med(lambda r: r['check'] / r['fx']):.2f}x", "",
                   f"{med(lambda r: (r['prep'] + r['fwd2']) / r['fx']):.2f}x"])
     print("prepare(model, example_inputs, check=False) vs torch.fx.symbolic_trace(model), same run")
     print(tabulate(table, headers=[
-        "model", "fx nodes", "fx ms", "prepare ms", "prepare/fx", "prepare+verify ms", "(prepare+verify)/fx",
+        "model", "fx nodes", "fx ms", "prepare ms", "prepare/fx", "inplace/fx", "prepare+verify ms", "(prepare+verify)/fx",
         "2 forwards ms", "(prepare+2 fwd)/fx"], disable_numparse=True))
     print()
     print("stages of prepare(check=True), ms (exclusive: nested stages counted once, in the inner one)")
