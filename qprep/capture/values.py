@@ -19,6 +19,7 @@ clear error rather than a guess.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import dataclasses
 from typing import Any, Callable
@@ -205,6 +206,9 @@ class Values:
         return found[0] if found else None
 
     def _call_function(self, target: Callable, args: tuple, kwargs: dict) -> Any:
+        if target is builtins.getattr and len(args) == 2 and isinstance(args[0], torch.Tensor) \
+                and args[1] in _DEVICE_ATTRIBUTES:  # the example's device, not the meta device
+            return _DEVICE_ATTRIBUTES[args[1]](self.device(args[0]) if args[0].is_meta else args[0].device)
         if _in(SHAPE_PRESERVING_FUNCTIONS, target) and args and isinstance(args[0], torch.Tensor) \
                 and not kwargs.get("inplace") and kwargs.get("dtype") is None:
             return self._like(self.to_meta(args[0]), self.to_meta(args[1:]), self.to_meta(kwargs))
@@ -240,10 +244,10 @@ class Values:
         t = self.to_meta(t)
         device = self.device(t)
         if name == "cuda":
-            device = torch.device("cuda", args[0] if args and isinstance(args[0], int) else 0)
-            return self._outputs(t.clone() if kwargs.get("copy") else t, device)
+            target = torch.device("cuda", args[0] if args and isinstance(args[0], int) else 0)
+            return self._outputs(self._moved(t, t.clone() if kwargs.get("copy") else t, target), target)
         if name == "cpu":
-            return self._outputs(t, torch.device("cpu"))
+            return self._outputs(self._moved(t, t, _CPU), _CPU)
         if name == "type":
             return self._outputs(t.type(*args, **kwargs), device)
         dtype, rest = t.dtype, dict(kwargs)
@@ -258,7 +262,14 @@ class Values:
                 dtype, device = a.dtype, self.device(a) if a.is_meta else a.device
         dtype = rest.pop("dtype", dtype)
         out = t.to(dtype=dtype, **{k: v for k, v in rest.items() if k in ("copy", "memory_format", "non_blocking")})
-        return self._outputs(out, device)
+        return self._outputs(self._moved(t, out, device), device)
+
+    def _moved(self, t: torch.Tensor, out: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``out`` of moving ``t`` to ``device``: a new tensor when the device changes (as in
+        eager mode), so that ``t`` keeps its own device."""
+        if out is t and not _same_device(self.device(t), device):
+            return t.clone()
+        return out
 
     def _call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         module = self._modules.get(target)
@@ -414,6 +425,18 @@ def _torch_nn(module: nn.Module) -> bool:
         if any(p is not None and type(p) is not nn.Parameter for p in m._parameters.values()):  # noqa: SLF001
             return False
     return True
+
+
+#: Tensor attributes that read the device, answered with the example's device.
+_DEVICE_ATTRIBUTES: dict[str, Callable[[torch.device], Any]] = {
+    "device": lambda d: d, "is_cuda": lambda d: d.type == "cuda", "is_cpu": lambda d: d.type == "cpu",
+    "is_meta": lambda d: d.type == "meta", "is_mps": lambda d: d.type == "mps", "is_xpu": lambda d: d.type == "xpu",
+}
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` are one device (``cuda`` is ``cuda:0`` here)."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def _real_tensor(value: Any) -> bool:
