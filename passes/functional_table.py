@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from qprep.core import meta
 from qprep.core._compat import boolean_dispatch_parts
 from qprep.core.graph import lookup, member
+from qprep.modules import ScaledDotProductAttention
 from qprep.passes.functional_params import PARAMETRIC_SPECS
 from qprep.passes.functional_spec import Spec, Unconvertible
 from qprep.passes.functional_spec import params as _p
@@ -63,6 +64,10 @@ def _softmax(cls, functional: bool = True):
     return Spec(cls.__name__, _p(*names, dim=None, _stacklevel=3, dtype=None), ("input",), build)
 
 
+#: Dropout modules whose ``forward`` drops the ``inplace`` argument they are built with.
+_IGNORES_INPLACE = (nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def _mode_dependent(cls, training_default: bool, *ctor: str):
     def build(b, ctx):
         if not ctx.follows_training:
@@ -70,6 +75,8 @@ def _mode_dependent(cls, training_default: bool, *ctor: str):
                 f"training={b['training']!r} is fixed in the source, not self.training; "
                 f"nn.{cls.__name__} would follow the module's mode instead"
             )
+        if b.get("inplace") and issubclass(cls, _IGNORES_INPLACE):
+            raise Unconvertible(f"nn.{cls.__name__}'s forward ignores inplace=True")
         return cls(**{name: b[name] for name in ctor})
 
     params = _p("input", "p", "training", "inplace", p=0.5, training=training_default, inplace=False)
@@ -192,6 +199,20 @@ _SHAPE = {
                                 ("input",), _simple(nn.LocalResponseNorm, "size", "alpha", "beta", "k")),
 }
 
+def _sdpa():
+    """``F.scaled_dot_product_attention``: the math kernel as modules (QKᵀ, scale, mask, softmax,
+    dropout, AV), bitwise equal to that kernel."""
+
+    def build(b, ctx):
+        return ScaledDotProductAttention(b["dropout_p"], b["is_causal"], b["scale"], b["enable_gqa"])
+
+    params = _p("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+                attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+    return Spec("ScaledDotProductAttention", params, ("query", "key", "value", "attn_mask"), build)
+
+
+_ATTENTION = {F.scaled_dot_product_attention: _sdpa()}
+
 _DROPOUT = {
     F.dropout: _mode_dependent(nn.Dropout, True, "p", "inplace"),
     F.dropout1d: _mode_dependent(nn.Dropout1d, True, "p", "inplace"),
@@ -288,7 +309,7 @@ _TWINS: dict[Callable, tuple] = {
 
 #: callable -> Spec, for ``torch.nn.functional`` functions and their ``torch.*`` twins.
 FUNCTIONAL_SPECS: dict[Callable, Spec] = {
-    **_ACTIVATIONS, **_POOLING, **_dispatched(_POOLING), **_SHAPE, **_DROPOUT, **PARAMETRIC_SPECS,
+    **_ACTIVATIONS, **_POOLING, **_dispatched(_POOLING), **_SHAPE, **_DROPOUT, **PARAMETRIC_SPECS, **_ATTENTION,
 }
 FUNCTIONAL_SPECS.update({twin: _twin(*entry) for twin, entry in _TWINS.items()})
 

@@ -7,7 +7,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import diff, prepare, verify
 from .core.config import PrepareConfig
-from .core.errors import InputError, NotEquivalentError, PassError, QprepError, RewriteError, TraceError
+from .core.errors import (
+    GuardError, InconclusiveWarning, InputError, NotEquivalentError, PassError, QprepError, RewriteError, TraceError,
+)
 from .core.records import Change, PassResult, Preparation
 from .report import Report
 from .verify import VerifyResult
@@ -15,7 +17,8 @@ from .report.coverage import Coverage, coverage
 
 __all__ = [
     "prepare", "verify", "diff", "coverage", "Coverage", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
-    "QprepError", "InputError", "TraceError", "PassError", "RewriteError", "NotEquivalentError",
+    "QprepError", "InputError", "TraceError", "PassError", "RewriteError", "NotEquivalentError", "GuardError",
+    "InconclusiveWarning",
 ]
 
 try:

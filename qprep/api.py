@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -17,15 +18,16 @@ from .capture import capture, split
 from .core.dual import DualGraphModule
 from .modules.fast_forward import install_fast_forward
 from .core import meta
-from .core.aliases import restore_missing_state
+from .core.aliases import match_order, match_persistence, restore_missing_state
 from .core.config import PrepareConfig
 from .core.copying import deepcopy_module
-from .core.errors import InputError, NotEquivalentError, QprepError, TraceError
-from .core.inputs import as_positional
+from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, QprepError, TraceError
+from .core.inputs import as_positional, check_call, with_concrete
+from .core.paths import check_writable
 from .core.records import Preparation, TraceNote
-from .core.runtime import clone_tree, forked_rng, preserved_state
+from .core.runtime import clone_tree, forked_rng, preserved_state, shallow_copy, structure_kept
 from .passes import run_pipeline
-from .report import Report, preparation_of, snapshot
+from .report import Report, preparation_of, report_format, snapshot
 from .verify import VerifyResult, verify_outputs
 
 __all__ = ["prepare", "verify", "diff", "replay_passes"]
@@ -83,11 +85,16 @@ def prepare(
             ``forward`` are still not changed.
         check: with ``example_inputs``, verify the result with :func:`qprep.verify` and
             raise :class:`~qprep.errors.NotEquivalentError` instead of returning a model
-            that differs.
+            that differs. Both models run on ``example_inputs`` with the ``concrete_args``
+            values in their places. On empty example tensors the check proves nothing: it
+            warns (:class:`~qprep.InconclusiveWarning`).
         report: a path (``.html``, ``.md``, ``.json``, ``.txt``) to write the diff report to.
 
     Raises:
-        InputError: not a module, bad example inputs, unknown option.
+        InputError: not a module, bad example inputs (more than ``forward`` takes, a
+            required argument missing, an argument also in ``concrete_args``), an unknown
+            ``concrete_args`` name or option, a ``report`` path that cannot be written;
+            all checked before any work.
         TraceError: the model cannot be traced (names the module, the line and the fix).
         PassError: a pass failed (names it and the passes before it).
         NotEquivalentError: the result differs from ``model`` on ``example_inputs``.
@@ -96,7 +103,23 @@ def prepare(
         raise InputError(f"qprep.prepare() takes a torch.nn.Module, got {type(model).__name__}")
     config = _config(config, options)
     args = None if example_inputs is None else as_positional(example_inputs, model)
+    if args is not None:
+        check_call(model, args, config.concrete_args)
+    elif config.concrete_args:
+        check_call(model, None, config.concrete_args)
+    if report:
+        report_format(report)
+        check_writable(report, "report")
     work = _working_copy(model, inplace)
+    # A failure at any step leaves the model as it was: with inplace=True the graph module
+    # holds the model's own submodules, so whatever a failing step did to them is undone.
+    with structure_kept(model.modules() if inplace else (), on_success=False):
+        return _prepare_work(model, work, config, args, check=check, report=report)
+
+
+def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args: tuple | None, *,
+                  check: bool, report: str | None) -> torch.fx.GraphModule:
+    """:func:`prepare` on ``work`` (``model`` itself or its copy), once the arguments are checked."""
     try:
         captured = capture(work, config, args)
     except TraceError as exc:
@@ -111,6 +134,8 @@ def prepare(
         gm = DualGraphModule(gm, split(gm, "train"), split(gm, "eval"), gm._get_name())
         gm.after_recompile = install_fast_forward
     restore_missing_state(work, gm)
+    match_order(work, gm)
+    match_persistence(work, gm)
     gm.training = model.training
     install_fast_forward(gm)
     preparation = Preparation(
@@ -127,9 +152,11 @@ def prepare(
     if captured.guards:
         meta.set_graph_facts(gm, **{meta.GUARDS: captured.guards})
     if check and args is not None:
-        result = verify(model, gm, args)
+        call = with_concrete(model, args, config.concrete_args)
+        result = verify(model, gm, call)
         if result.equal and captured.dual:  # the other mode's graph too
-            result = verify(model, gm, args, train=not model.training)
+            result = verify(model, gm, call, train=not model.training)
+        _warn_if_inconclusive(result)
         preparation = preparation.verified(result)
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
         if not preparation.verification.equal:
@@ -143,6 +170,13 @@ def prepare(
     return gm
 
 
+def _warn_if_inconclusive(result: VerifyResult) -> None:
+    if result.caveats:
+        warnings.warn("qprep.prepare: the bitwise check proves nothing here: " + "; ".join(result.caveats)
+                      + ". Give example inputs with at least one element in every dimension.",
+                      InconclusiveWarning, stacklevel=4)
+
+
 #: The name the model whose own forward cannot be traced has inside its prepared module.
 OPAQUE_ROOT = "model"
 
@@ -153,7 +187,11 @@ def _prepare_inside(model: nn.Module, work: nn.Module, config: PrepareConfig, ar
     forward is the smallest untraceable scope, so it stays opaque, and each submodule it
     calls is prepared on its own, with the inputs it gets on the example (recorded in one
     run), and put back in its place. The result calls the opaque model; its ``state_dict``
-    keys are the model's own."""
+    keys are the model's own. With ``inplace=True`` (``work`` is ``model``) the prepared
+    submodules go into a shallow copy of ``model`` (sharing its submodules, Parameters and
+    buffers), so ``model``'s own attributes stay as they were."""
+    if work is model:
+        work = shallow_copy(model)
     inputs = _child_inputs(work, args)
     notes: list[TraceNote] = []
     prepared_names: list[str] = []
@@ -181,7 +219,8 @@ def _prepare_inside(model: nn.Module, work: nn.Module, config: PrepareConfig, ar
     preparation = Preparation(config=config, passes=(), changes=(), trace_notes=tuple(notes), before=snapshot(gm))
     meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
     if check:
-        result = verify(model, gm, args)
+        result = verify(model, gm, with_concrete(model, args, config.concrete_args))
+        _warn_if_inconclusive(result)
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation.verified(result)})
         if not result.equal:
             raise NotEquivalentError("the prepared model is not bitwise equal to the original on example_inputs:\n"
@@ -260,11 +299,18 @@ def verify(
     (:func:`qprep.verify.verify_outputs`: every output leaf with ``torch.equal``, containers by
     type and keys, both runs from RNG seed ``seed``, in ``train`` or eval mode, gradients with
     ``grad``). When outputs differ, ``replay`` and ``prepared`` came from :func:`prepare`,
-    the result also names the first pass after which a fresh preparation stops being equal."""
+    the result also names the first pass after which a fresh preparation stops being equal.
+
+    When ``prepared`` came from :func:`prepare` with ``concrete_args`` and ``inputs`` stop
+    before those arguments, both models get the concrete values (the prepared model is made
+    for them). Empty input tensors or outputs make the result inconclusive
+    (:attr:`VerifyResult.caveats`, :attr:`VerifyResult.conclusive`)."""
+    preparation = preparation_of(prepared)
+    if preparation is not None and preparation.config.concrete_args:
+        inputs = with_concrete(original, as_positional(inputs, original), preparation.config.concrete_args)
     result = verify_outputs(original, prepared, inputs, train=train, grad=grad, seed=seed)
     if result.equal or not replay:
         return result
-    preparation = preparation_of(prepared)
     if preparation is None:
         return result
     try:

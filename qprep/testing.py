@@ -39,7 +39,8 @@ def assert_equivalent(
     :func:`qprep.prepare` (``leaf_modules=...``, ``on_untraceable="leaf"``, ...).
 
     Returns the prepared model. Raises ``AssertionError`` with the verdict table (and each
-    failing run's output table) when any run differs.
+    failing run's output table) when any run differs, and when the runs prove nothing
+    (empty input tensors, or outputs with no element: :attr:`qprep.VerifyResult.caveats`).
     """
     args = as_positional(example_inputs, model)
     if prepared is None:
@@ -55,4 +56,6 @@ def assert_equivalent(
             "the prepared model is not bitwise equal to the original:\n"
             + trials_table(runs) + "\n\n" + "\n\n".join(details)
         )
+    if all(run.result.caveats for run in runs):
+        raise AssertionError("the comparison proves nothing:\n" + trials_table(runs))
     return prepared

@@ -266,3 +266,7 @@ TWIN_CASES = {
     torch.ops.aten.pixel_shuffle: (lambda x: torch.ops.aten.pixel_shuffle(x, 2), [(1, 8, 3, 3)]),
     torch.ops.aten.flatten: (lambda x: torch.ops.aten.flatten(x, 1), [W]),
 }
+
+B4 = (2, 3, 5, 8)
+FUNCTIONAL_CASES[F.scaled_dot_product_attention] = (
+    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [B4, B4, B4])

@@ -14,11 +14,13 @@ import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
 
 import qprep
+import qprep.serialize
 from qprep.cli import EXIT_CODES, main
 from qprep.cli.inputs import load_model
 from qprep.examples import DistillerBlock
@@ -72,6 +74,36 @@ MODELS = textwrap.dedent('''
 
     def not_a_module():
         return 3
+
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, scale=1.0):
+            y = self.fc(x) * scale
+            if mask is not None:
+                y = y * mask
+            return y
+
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) * 2
+
+
+    class WithLeaf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Opaque()
+
+        def forward(self, x):
+            return self.inner(x) + x
 ''')
 
 DISTILLER = ["qprep.examples:DistillerBlock", "--kwargs", '{"in_ch": 4, "out_ch": 4}', "--input-shape", "1,4,8,8"]
@@ -95,7 +127,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
     (root / "models_cli.py").write_text(MODELS)
     torch.manual_seed(0)
     other = load_model(f"{root / 'models_cli.py'}:ModelB").eval()
-    torch.save(qprep.prepare(other, (torch.randn(3, 4),)), root / "b.pt")
+    qprep.serialize.save(qprep.prepare(other, (torch.randn(3, 4),)), root / "b.qprep")
     return root
 
 
@@ -104,8 +136,8 @@ class Background:
     runs; the in-process tests run while they work, the process tests (at the end) wait."""
 
     COMMANDS = {
-        "prepare": ["prepare", *DISTILLER, "-o", "prepared.pt", "--report", "report.json"],
-        "verify_other": ["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--prepared", "b.pt",
+        "prepare": ["prepare", *DISTILLER, "-o", "prepared.qprep", "--report", "report.json"],
+        "verify_other": ["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--prepared", "b.qprep",
                          "--trials", "2", "--json"],
         "bad_spec": ["check", "no_such_module_qprep:Model"],
     }
@@ -158,6 +190,28 @@ def explain(run: subprocess.CompletedProcess) -> str:
     (["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--dtype", "float33"], "unknown dtype"),
     (["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--prepared", "missing.pt"], "cannot load"),
     (["diff", "models_cli.py:ModelA", "--input-shape", "3,4", "-o", "report.pdf"], "report format"),
+    # more inputs than forward takes
+    (["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--input-shape", "3,4"],
+     "2 example inputs given, but ModelA.forward takes 1 positional input (x)"),
+    (["prepare", "models_cli.py:ModelA", "--input-shape", "3,4", "--input-shape", "3,4", "-o", "x.qprep"],
+     "takes 1 positional input"),
+    # empty inputs prove nothing
+    (["prepare", "models_cli.py:ModelA", "--input-shape", "0,4", "-o", "x.qprep"],
+     "input 1 (shape 0x4) is empty: ops on an empty tensor compute nothing"),
+    (["verify", "models_cli.py:ModelA", "--input-shape", "3,0"], "is empty"),
+    # --concrete
+    (["verify", "models_cli.py:Masked", "--input-shape", "3,4", "--concrete", "scale"], "NAME=VALUE"),
+    (["verify", "models_cli.py:Masked", "--input-shape", "3,4", "--concrete", "scale=two"], "is not JSON"),
+    (["verify", "models_cli.py:Masked", "--input-shape", "3,4", "--concrete", "scale=1", "--concrete", "scale=2"],
+     "given twice"),
+    (["verify", "models_cli.py:Masked", "--input-shape", "3,4", "--concrete", "shift=1.0"],
+     "concrete_args names 'shift', which Masked.forward does not take"),
+    (["verify", "models_cli.py:Masked", "--input-shape", "3,4", "--input-shape", "3,4", "--concrete", "mask=null"],
+     "'mask' is given twice: as example input 2 and in concrete_args"),
+    # prepared-model files
+    (["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--trust", "models_cli.py:Opaque"], "--prepared"),
+    (["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--prepared", "b.qprep", "--pickle",
+      "--trust", "models_cli.py:Opaque"], "exclude each other"),
 ])
 def test_usage_errors_exit_2(workdir, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(workdir)
@@ -168,6 +222,83 @@ def test_usage_errors_exit_2(workdir, monkeypatch, capsys, argv, message):
         return
     assert code == 2, err
     assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "-o", "/nonexistent_dir_qprep/x.qprep"], "folder '/nonexistent_dir_qprep' does not exist"),
+    (["prepare", "-o", ".", "--report", "r.json"], "is a folder"),
+    (["prepare", "-o", "x.qprep", "--report", "r.pdf"], "cannot tell the report format from 'r.pdf'"),
+    (["prepare", "-o", "x.qprep", "--report", "/nonexistent_dir_qprep/r.json"], "does not exist"),
+    (["diff", "-o", "/nonexistent_dir_qprep/r.html"], "does not exist"),
+])
+def test_output_paths_are_checked_before_any_work(workdir, monkeypatch, capsys, argv, message):
+    """A bad output path fails at once: the model is not even loaded."""
+    monkeypatch.chdir(workdir)
+    loaded = []
+    cli_main = sys.modules["qprep.cli.main"]  # the module (qprep.cli.main is also the function's name)
+    monkeypatch.setattr(cli_main, "setup", lambda args: loaded.append(args) or pytest.fail("model loaded"))
+    command, *rest = argv
+    code = main([command, "models_cli.py:ModelA", "--input-shape", "3,4", *rest])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.strip().count("\n") == 0 and not loaded
+    assert not list(workdir.glob("*.tmp")) and not list(workdir.glob(".x.qprep*"))
+
+
+def test_concrete_flag_fixes_arguments_for_preparing_and_verifying(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    concrete = ["--concrete", "scale=2.0", "--concrete", "mask=null"]
+    code = main(["prepare", "models_cli.py:Masked", "--input-shape", "3,4", *concrete, "-o", "masked.qprep"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "specialised at trace time: mask=None" in out and "specialised at trace time: scale=2.0" in out
+    assert "verification: EQUIVALENT" in out and "computes the same: yes" in out
+    gm = qprep.serialize.load(workdir / "masked.qprep")
+    torch.manual_seed(0)
+    model = load_model(f"{workdir / 'models_cli.py'}:Masked").eval()
+    x = torch.randn(5, 4)
+    assert torch.equal(gm(x, None, 2.0), model(x, None, 2.0))
+    assert not torch.equal(model(x, None, 2.0), model(x))  # the value given is the value used
+    verify = ["verify", "models_cli.py:Masked", "--input-shape", "3,4", "--prepared", "masked.qprep", "--trials", "2"]
+    assert main([*verify, "--concrete", "scale=2.0"]) == 0
+    assert "verdict: EQUIVALENT (2 runs)" in capsys.readouterr().out
+    assert main(verify) == 1  # called with the default scale=1.0, the specialised model refuses
+    assert "GuardError" in (err := capsys.readouterr().err) and "`scale` gave 1.0, the model was prepared for 2.0" in err
+
+
+def test_pickle_is_an_opt_in_with_a_warning(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    assert main(["prepare", "models_cli.py:ModelA", "--input-shape", "3,4", "-o", "a.pt", "--pickle"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --pickle" in captured.err and "weights_only=False" in captured.err
+    assert "torch.load(path, weights_only=False), only if you trust the file" in captured.out
+    assert isinstance(torch.load(workdir / "a.pt", weights_only=False), torch.fx.GraphModule)
+    verify = ["verify", "models_cli.py:ModelA", "--input-shape", "3,4", "--prepared", "a.pt"]
+    assert main(verify) == 2  # the default loader reads data only, and says what to do
+    err = capsys.readouterr().err
+    assert "not a qprep model file" in err and "--pickle" in err and err.strip().count("\n") == 0
+    assert main([*verify, "--pickle"]) == 0
+    captured = capsys.readouterr()
+    assert "verdict: EQUIVALENT" in captured.out and "warning: --pickle" in captured.err
+    assert not list(workdir.glob(".a.pt*"))  # written through a temporary file, replaced atomically
+
+
+def test_default_file_is_data_and_trust_names_what_it_needs(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    code = main(["prepare", "models_cli.py:WithLeaf", "--input-shape", "3,4", "--leaf", "models_cli.py:Opaque",
+                 "-o", "leaf.qprep"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "trusted=[Opaque]" in out and "--trust models_cli:Opaque" in out and "computes the same: yes" in out
+    with zipfile.ZipFile(workdir / "leaf.qprep") as zf:
+        assert set(zf.namelist()) == {"forward.py", "model.json", "weights.pt"}
+        assert "self.inner(x)" in zf.read("forward.py").decode()
+    verify = ["verify", "models_cli.py:WithLeaf", "--input-shape", "3,4", "--prepared", "leaf.qprep"]
+    assert main(verify) == 2
+    err = capsys.readouterr().err
+    assert "'models_cli.Opaque' is not allowlisted" in err and "--trust models_cli:Opaque" in err
+    assert main([*verify, "--trust", "models_cli.py:Opaque", "--trials", "2"]) == 0
+    assert "verdict: EQUIVALENT (2 runs)" in capsys.readouterr().out
 
 
 def test_argparse_errors_exit_2(capsys):
@@ -295,7 +426,8 @@ def test_prepare_saves_a_model_that_loads_and_computes_the_same(runs, workdir):
     assert run.returncode == 0, explain(run)
     assert "Rewritten (4)" in run.stdout and "verification: EQUIVALENT" in run.stdout
     assert "the reloaded model computes the same: yes" in run.stdout
-    loaded = torch.load(workdir / "prepared.pt", weights_only=False)
+    assert "load it with qprep.serialize.load(path)" in run.stdout
+    loaded = qprep.serialize.load(workdir / "prepared.qprep")
     assert isinstance(loaded, torch.fx.GraphModule) and "self.add(" in loaded.code
     torch.manual_seed(0)  # the CLI builds the model after torch.manual_seed(--seed=0)
     model = DistillerBlock(in_ch=4, out_ch=4).eval()
@@ -312,7 +444,7 @@ def test_verify_the_file_prepare_wrote_exits_0(runs, workdir, monkeypatch, capsy
     """A model built from the same spec in another process has the same weights (seeded)."""
     assert runs["prepare"].returncode == 0
     monkeypatch.chdir(workdir)
-    code = main(["verify", *DISTILLER, "--prepared", "prepared.pt", "--trials", "2", "--train", "--grad"])
+    code = main(["verify", *DISTILLER, "--prepared", "prepared.qprep", "--trials", "2", "--train", "--grad"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "verdict: EQUIVALENT (4 runs)" in out

@@ -66,7 +66,7 @@ def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Cap
             flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples,
                             code_on_demand=True)  # compared, or merged into a new graph: never run
         mode = "train" if model.training else "eval"
-        if same_structure(gm, flipped[0]):
+        if same_structure(gm, flipped[0], _scope_mode(model)):
             notes += mark_training_dependence(gm, flipped[0], mode, _scope_mode(model))
         else:  # forward branches on self.training: one graph per mode, over the same modules
             train_gm, eval_gm = (gm, flipped[0]) if model.training else (flipped[0], gm)

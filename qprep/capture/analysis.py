@@ -95,9 +95,34 @@ def _signature(gm: torch.fx.GraphModule) -> list:
     return [(n.op, n.target if n.op != "get_attr" else "attr") for n in gm.graph.nodes]
 
 
-def same_structure(gm: torch.fx.GraphModule, flipped: torch.fx.GraphModule) -> bool:
-    """Whether two traces (of the two modes) make the same calls in the same order."""
-    return _signature(gm) == _signature(flipped)
+def same_structure(gm: torch.fx.GraphModule, flipped: torch.fx.GraphModule,
+                   scope_training: Callable[[torch.fx.Node], bool] | None = None) -> bool:
+    """Whether two traces (of the two modes) make the same calls in the same order, with the
+    same arguments but for flags that follow ``self.training`` (one bool argument of a
+    function call equal to its scope's ``training``). Anything else that differs (a branch,
+    ``0.9 if self.training else 1.0``, ``not self.training``) needs one graph per mode."""
+    if _signature(gm) != _signature(flipped):
+        return False
+    if scope_training is None:
+        return True
+    for node, twin in zip(gm.graph.nodes, flipped.graph.nodes):
+        flips = _flips(node, twin)
+        if len(flips) > 1 or (flips and not (node.op == "call_function" and _flag(node, flips[0]) == scope_training(node))):
+            return False
+        if _arguments(node, flips) != _arguments(twin, flips):
+            return False
+    return True
+
+
+def _flag(node: torch.fx.Node, where: int | str):
+    return node.args[where] if isinstance(where, int) else node.kwargs[where]
+
+
+def _arguments(node: torch.fx.Node, skip: list) -> str:
+    """The node's arguments as text (nodes by name), without the positions in ``skip``."""
+    args = [a for i, a in enumerate(node.args) if i not in skip]
+    kwargs = {k: v for k, v in node.kwargs.items() if k not in skip}
+    return repr((node.target if isinstance(node.target, str) else id(node.target), args, kwargs))
 
 
 def branch_note(gm: torch.fx.GraphModule) -> Change:
@@ -117,11 +142,10 @@ def mark_training_dependence(
     A call with one bool argument that flips with the mode and equals its scope module's
     ``training`` flag follows ``self.training``: it gets ``meta["qprep"]["follows_training"]``
     and ``["mode_arg"]`` (the position or keyword), whichever function it is
-    (``F.dropout``, ``torchvision.ops.stochastic_depth``, a user function). Flags that flip
-    otherwise (two of them, ``not self.training``, into a module call) get a note: the
-    prepared graph keeps their traced values. The graphs must have the same structure
-    (:func:`same_structure`); a ``forward`` that branches on ``self.training`` is prepared
-    as two graphs instead (:mod:`qprep.capture.dual`).
+    (``F.dropout``, ``torchvision.ops.stochastic_depth``, a user function). The traces must
+    differ in nothing else (:func:`same_structure` with ``scope_training``); a ``forward``
+    that differs otherwise between the modes is prepared as two graphs instead
+    (:mod:`qprep.capture.dual`), and the notes here do not arise then.
     """
     notes = []
     for node, twin in zip(gm.graph.nodes, flipped.graph.nodes):

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..core import meta
 from ..core.dual import MODES, modes_of
+from ..core.graph import constants_out_of_state
 from .tracer import QprepTracer
 
 __all__ = ["union", "split"]
@@ -89,6 +90,7 @@ def union(train: torch.fx.GraphModule, evaluation: torch.fx.GraphModule) -> torc
         env_eval[node] = cursor = new
     graph.output(tuple(outputs))
     gm = torch.fx.GraphModule(attrs, graph, train._get_name())
+    constants_out_of_state(gm)
     gm.training = train.training
     gm.meta.update(train.meta)
     return gm

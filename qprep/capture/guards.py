@@ -23,6 +23,7 @@ import torch
 import torch.fx
 
 from ..core.guards import Guard, check_guard
+from ..core.template import tree_any
 
 __all__ = ["GuardRecorder", "insert_guards", "describe", "reads_metadata_only"]
 
@@ -40,6 +41,9 @@ _ARITHMETIC = {
 _PURE_FUNCTIONS = frozenset({operator.getitem, builtins.len, builtins.getattr, operator.not_, operator.neg,
                              math.ceil, math.floor, math.trunc, builtins.round, builtins.min, builtins.max,
                              builtins.abs, builtins.isinstance})
+
+
+_MISSING = object()
 
 
 class GuardRecorder:
@@ -120,9 +124,13 @@ def reads_metadata_only(node: torch.fx.Node) -> bool:
         if node.target is builtins.getattr:
             return len(node.args) > 1 and node.args[1] in _METADATA_ATTRS
         try:
-            return node.target in _ARITHMETIC or node.target in _PURE_FUNCTIONS
+            pure = node.target in _ARITHMETIC or node.target in _PURE_FUNCTIONS
         except TypeError:
             return False
+        # arithmetic on sizes, not on tensors (x * w is compute, and may read a buffer an
+        # earlier in-place op updated): the example value must be known and hold no tensor
+        value = node.meta.get("val", _MISSING)
+        return pure and value is not _MISSING and not tree_any(value, lambda v: isinstance(v, torch.Tensor))
     return False
 
 

@@ -19,6 +19,7 @@ import math
 import operator
 import sys
 
+import torch
 import torch.fx
 
 __all__ = ["QprepProxy", "CONSTANT_ATTRS"]
@@ -37,6 +38,19 @@ _INPLACE_MAGIC = {
 
 class QprepProxy(torch.fx.Proxy):
     """See the module docstring."""
+
+    @property
+    def __class__(self):
+        """``isinstance(proxy, Cache)`` answers as the example's object would (a Hugging Face
+        cache, a ``PackedSequence``): the class of a known value that is neither a tensor nor
+        a builtin. (Never a tensor's class: torch's C++ code would then take the proxy for a
+        tensor.)"""
+        value = self.node.meta.get("val")
+        kind = type(value)
+        if value is not None and not isinstance(value, torch.Tensor) and kind.__module__ != "builtins" \
+                and kind.__name__ != "_Unknown":
+            return kind
+        return type(self)
 
     def __getattr__(self, k):
         if k in CONSTANT_ATTRS:

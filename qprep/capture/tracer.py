@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import dis
 import functools
+import inspect
 import linecache
 import operator
 import os
@@ -44,16 +46,21 @@ import torch.nn as nn
 import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
-from ..core._compat import graph_module, last_node, mha_fastpath, new_patcher, wrapped_function_registry
+from ..core._compat import (
+    graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled, wrapped_function_registry,
+)
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
 from ..core.guards import CONVERSIONS, Guard, check_guard
+from ..core.graph import constants_out_of_state
 from ..core.provenance import location_text
 from ..core.records import TraceNote
+from ..core.runtime import structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
 from .guards import GuardRecorder, describe, insert_guards, reads_metadata_only
+from .integrations import runtime_classes
 from .proxy import QprepProxy
 from .values import UNKNOWN, Values, value_of
 
@@ -79,9 +86,10 @@ _EXAMPLES = os.path.join(_QPREP_DIR, "examples.py")
 # Containers: never leaves.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-#: Tensor factories recorded as calls when a size is traced (``torch.ones(t, t)``).
+#: Tensor factories recorded as calls when a size is traced (``torch.ones(t, t)``), and the
+#: dtype queries code applies to a traced dtype (``torch.finfo(x.dtype).min``).
 FACTORIES = ("ones", "zeros", "empty", "full", "eye", "arange", "linspace", "logspace", "tensor", "as_tensor",
-             "scalar_tensor", "empty_strided", "tril_indices", "triu_indices")
+             "scalar_tensor", "empty_strided", "tril_indices", "triu_indices", "finfo", "iinfo")
 #: Random factories: always recorded as calls, so each run draws its own numbers.
 RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
                     "rand_like", "randn_like", "randint_like")
@@ -217,18 +225,100 @@ class QprepTracer(torch.fx.Tracer):
             self._install_wrappers(patcher)
             self._shadow_len(getattr(type(root), "forward", None))
             try:
-                with self._tracing_into_wrapped_functions(patcher):
+                with self._tracing_into_wrapped_functions(patcher), self._runtime_construction():
                     return super().trace(root, concrete_args)
             finally:
                 self._patcher = None
 
+    @contextlib.contextmanager
+    def _runtime_construction(self) -> Iterator[None]:
+        """Classes whose objects ``forward`` creates and updates (a Hugging Face KV cache) are
+        made when the prepared model runs: for this trace, the names that refer to them in the
+        library's modules refer to a stand-in whose construction is recorded as a call, and
+        which ``isinstance`` and ``issubclass`` treat as the class itself. (Patching the
+        class's own ``__new__`` cannot be undone cleanly in CPython.)"""
+        bases = runtime_classes()
+        if bases:
+            stand_ins: dict[type, type] = {}
+            for module in list(sys.modules.values()):
+                namespace = getattr(module, "__dict__", None)
+                if not isinstance(namespace, dict) or not str(namespace.get("__name__", "")).startswith(
+                        tuple(b.__module__.split(".")[0] + "." for b in bases)):
+                    continue
+                for name, value in list(namespace.items()):
+                    if isinstance(value, type) and issubclass(value, bases) and not name.startswith("__"):
+                        if value not in stand_ins:
+                            stand_ins[value] = self._recorded_class(value)
+                        self._patcher.patch(namespace, name, stand_ins[value])
+        yield
+
     def _install_wrappers(self, patcher) -> None:
+        patcher.patch_method(nn.Module, "__setattr__", self._module_setattr(nn.Module.__setattr__), deduplicate=False)
         for name in FACTORIES + RANDOM_FACTORIES:
             fn = getattr(torch, name, None)
             if fn is not None:
                 patcher.patch(torch.__dict__, name, self._recorded(fn, always=name in RANDOM_FACTORIES))
         for fn in PACKING:
             patcher.patch(rnn_utils.__dict__, fn.__name__, self._recorded(fn, always=False))
+        patcher.patch(torch._C.__dict__, "_set_grad_enabled", self._grad_mode(set_grad_enabled))  # noqa: SLF001
+
+    def _grad_mode(self, original):
+        """``with torch.no_grad():`` in a traced ``forward`` switches grad mode when the
+        prepared model runs too: the switch is recorded (and made, for the example values)."""
+        def switch(mode):
+            if self.recording():
+                self.create_proxy("call_function", original, (bool(mode),), {})
+            return original(mode)
+
+        return switch
+
+    def _module_setattr(self, original):
+        """``self.x = <traced value>`` in a traced ``forward``: state the prepared graph cannot
+        hold (it has no assignments), so it is refused with the line, unless it re-binds a
+        buffer to the result of its own in-place update (``self.steps += 1``: the same tensor,
+        updated in place, which the graph records)."""
+        tracer = self
+
+        def setattr_(module, name, value):
+            if isinstance(value, torch.fx.Proxy) and tracer.recording():
+                if tracer._updates_in_place(module, name, value):
+                    return
+                raise ConcreteValueError(
+                    f"forward assigns a traced value to {type(module).__name__}.{name}: a prepared graph "
+                    f"holds no state between calls; update a buffer in place (self.{name}.copy_(...)) or keep "
+                    f"the module a leaf")
+            original(module, name, value)
+
+        return setattr_
+
+    def _updates_in_place(self, module: nn.Module, name: str, value: torch.fx.Proxy) -> bool:
+        node = value.node
+        if name not in module._buffers and name not in module._parameters:  # noqa: SLF001
+            return False
+        path = self.path_of_module(module)
+        qualified = f"{path}.{name}" if path else name
+        first = node.args[0] if node.args else None
+        return _mutates_first_argument(node) and isinstance(first, torch.fx.Node) and first.op == "get_attr" \
+            and first.target == qualified
+
+    def _recorded_class(self, real: type) -> type:
+        tracer = self
+
+        class Meta(type(real)):
+            def __instancecheck__(cls, obj):
+                return isinstance(obj, real)
+
+            def __subclasscheck__(cls, sub):
+                return issubclass(sub, real)
+
+        def new(klass, *args, **kwargs):
+            if tracer.recording():
+                return tracer.create_proxy("call_function", real, args, kwargs)
+            return real(*args, **kwargs)  # not an instance of the stand-in: __init__ does not run again
+
+        return Meta(real.__name__, (real,), {"__new__": new, "__module__": real.__module__,
+                                            "__qualname__": real.__qualname__})
+
 
     @contextlib.contextmanager
     def _tracing_into_wrapped_functions(self, patcher) -> Iterator[None]:
@@ -300,6 +390,73 @@ class QprepTracer(torch.fx.Tracer):
 
         self._patcher.patch(namespace, "len", traced_len)
 
+    # -- the root's arguments -------------------------------------------------------------
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """One placeholder per parameter of ``forward``'s signature (``inspect.signature``
+        follows ``functools.wraps``, so a decorated ``forward(*args, **kwargs)`` wrapper, as
+        Hugging Face's are, shows its real parameters), and a call of ``forward`` by
+        keyword. A parameter fixed at trace time (``concrete_args``, or a default the
+        example leaves out) keeps its placeholder, with the signature's default, and a guard:
+        a call that passes, or defaults to, another value is refused."""
+        if not is_module:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        root = self.root
+        fixed = dict(concrete_args or {})
+        positional, keywords, star, starstar = [], {}, None, None
+        parameters = list(inspect.signature(root.forward).parameters.values())
+        # Placeholders are the generated forward's parameters, so Python's rules hold: once one
+        # has a default, a later one without (an object default the code cannot write) must
+        # be keyword-only, and so must those after an argument fixed to an object (no
+        # placeholder any more), or a positional call would bind them one place off. A `*name`
+        # placeholder that must stay empty starts the keyword-only ones.
+        open_star = not any(p.kind == p.VAR_POSITIONAL for p in parameters)
+        defaulted = False
+
+        def keyword_only_from(name: str, why: str) -> None:
+            nonlocal open_star
+            if open_star:
+                open_star = False
+                rest = self.create_proxy("placeholder", f"*{name}", (), {}).node
+                self.guards.record(rest, "len", 0, why, "")
+
+        for p in parameters:
+            if p.kind == p.VAR_POSITIONAL:
+                star = self.create_proxy("placeholder", f"*{p.name}", (), {})
+            elif p.kind == p.VAR_KEYWORD:  # its keys are guarded: another keyword is refused, not ignored
+                starstar = self.create_proxy("placeholder", f"**{p.name}", (), {})
+            elif p.name in fixed and not _simple_constant(fixed[p.name]):
+                keywords[p.name] = fixed[p.name]  # a tensor or an object: not an argument any more
+                if p.kind != p.KEYWORD_ONLY:
+                    keyword_only_from(p.name, f"`{p.name}` was fixed at trace time; pass the arguments after it by keyword")
+            else:
+                default = _default_of(p)
+                if defaulted and not default and p.kind != p.KEYWORD_ONLY:
+                    keyword_only_from(f"before_{p.name}", f"`{p.name}` and the arguments after it are keyword-only")
+                defaulted = defaulted or bool(default)
+                if p.name in fixed:
+                    keywords[p.name] = self._fixed_placeholder(p.name, fixed[p.name], default)
+                    continue
+                value = self.create_proxy("placeholder", p.name, default, {})
+                if p.kind == p.POSITIONAL_ONLY:
+                    positional.append(value)
+                else:
+                    keywords[p.name] = value
+        forward = type(root).forward
+
+        def call(*_):
+            return forward(root, *positional, *(star if star is not None else ()), **keywords,
+                           **(starstar if starstar is not None else {}))
+
+        return call, []
+
+    def _fixed_placeholder(self, name: str, value: Any, default: tuple) -> Any:
+        """The placeholder of an argument fixed to ``value`` (``default``: ``()`` or the
+        signature's default, in a tuple); returns ``value`` itself."""
+        node = self.create_proxy("placeholder", name, default, {}).node
+        how = "is_none" if value is None else "value"
+        self.guards.record(node, how, True if value is None else value, "argument fixed at trace time", "")
+        return value
+
     # -- proxies, nodes, values ---------------------------------------------------------
     def proxy(self, node: torch.fx.Node) -> QprepProxy:
         return QprepProxy(node, self)
@@ -327,7 +484,18 @@ class QprepTracer(torch.fx.Tracer):
         if isinstance(a, dict) and hasattr(a, "to_tuple") and type(a) is not dict:  # a Hugging Face ModelOutput
             fields = {k: self.create_arg(v) for k, v in a.items()}
             return self.create_node("call_function", type(a), (), fields)
-        return super().create_arg(a)
+        if dataclasses.is_dataclass(a) and not isinstance(a, type) and not tree_any(
+                [getattr(a, f.name, None) for f in dataclasses.fields(a)], _is_proxy):
+            return self._constant(a)  # a config object passed along: a constant, not rebuilt per call
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:  # an object fx has no form for: held by the module, read by get_attr
+            return self._constant(a)
+
+    def _constant(self, value: Any) -> torch.fx.Node:
+        name = self.get_fresh_qualname("_qprep_constant")
+        setattr(self.root, name, value)
+        return self.create_node("get_attr", name, (), {})
 
     def attribute(self, proxy: torch.fx.Proxy, name: str) -> Any:
         """``proxy.name``: a method is called later (fx's lazy ``Attribute``); any other
@@ -521,6 +689,19 @@ def _own(fn: Any) -> bool:
 _READS = (operator.getitem, builtins.getattr)
 
 
+def _default_of(parameter: inspect.Parameter) -> tuple:
+    """A placeholder's default: the parameter's own, when the generated code can write it."""
+    return () if parameter.default is parameter.empty or not _simple_constant(parameter.default) else (parameter.default,)
+
+
+def _simple_constant(value: Any) -> bool:
+    """Whether ``value`` can be a placeholder's default in generated code (and be compared
+    by a guard): None, a bool, number or string, or a tuple or list of them."""
+    if type(value) in (tuple, list):
+        return all(_simple_constant(item) for item in value)
+    return value is None or type(value) in (bool, int, float, complex, str)
+
+
 def _module_output(node: torch.fx.Node) -> bool:
     """Whether ``node`` is a module call's output or a part of one (``out[1]`` of an LSTM)."""
     while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
@@ -617,17 +798,6 @@ def _protect_constants(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
-def _constants_out_of_state(gm: torch.fx.GraphModule) -> None:
-    """Tensors made at trace time are constants of the graph, not state: GraphModule
-    registers them as buffers, which would add ``_tensor_constant0`` to ``state_dict()`` and
-    break loading the original's checkpoint with ``strict=True``."""
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.target.startswith("_tensor_constant") and "." not in node.target:
-            value = getattr(gm, node.target)
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                gm.register_buffer(node.target, value, persistent=False)
-
-
 class Traced(tuple):
     """What :func:`trace` returns: ``(graph_module, notes)``, plus ``.guards`` and
     ``.failures`` (node name -> why its value could not be computed on meta tensors)."""
@@ -640,6 +810,28 @@ class Traced(tuple):
         self.guards = guards
         self.failures = failures
         return self
+
+
+def _traced_graph_module(tracer: QprepTracer, model: nn.Module, config: PrepareConfig,
+                         code_on_demand: bool = False) -> tuple:
+    """The graph (guards inserted) and its GraphModule over ``tracer.root``."""
+    try:
+        graph = tracer.trace(model, concrete_args=config.concrete_args)
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (a failure in the root forward)
+        frame = _user_frame(exc.__traceback__)
+        location = location_text(frame.filename, frame.lineno) if frame else ""
+        raise _trace_error("", model, location, _describe_failure(exc), exc) from exc
+    guards = insert_guards(graph, tracer.guards)
+    for node in graph.nodes:
+        # fx marks the calls of functions it auto-wrapped, and its code generator then writes
+        # `torch.fx.wrap(name)` into the generated code, registering the name process-wide,
+        # for a torch function under a dotted name later traces cannot resolve (a KeyError in
+        # every later trace); qprep's tracer records those calls anyway. Guards keep the mark.
+        if node.target is not check_guard:
+            node.meta.pop("is_wrapped", None)
+    return guards, graph_module(tracer.root, graph, model.__class__.__name__, code_on_demand=code_on_demand)
 
 
 def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None, *,
@@ -659,24 +851,11 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         raise InputError(f"qprep prepares torch.nn.Module instances, got {type(model).__name__}")
     config = config or PrepareConfig()
     tracer = QprepTracer(config, examples)
-    try:
-        graph = tracer.trace(model, concrete_args=config.concrete_args)
-    except TraceError:
-        raise
-    except Exception as exc:  # noqa: BLE001  (a failure in the root forward)
-        frame = _user_frame(exc.__traceback__)
-        location = location_text(frame.filename, frame.lineno) if frame else ""
-        raise _trace_error("", model, location, _describe_failure(exc), exc) from exc
-    guards = insert_guards(graph, tracer.guards)
-    for node in graph.nodes:
-        # fx marks the calls of functions it auto-wrapped, and its code generator then writes
-        # `torch.fx.wrap(name)` into the generated code, registering the name process-wide,
-        # for a torch function under a dotted name later traces cannot resolve (a KeyError in
-        # every later trace); qprep's tracer records those calls anyway. Guards keep the mark.
-        if node.target is not check_guard:
-            node.meta.pop("is_wrapped", None)
-    gm = graph_module(tracer.root, graph, model.__class__.__name__, code_on_demand=code_on_demand)
-    _constants_out_of_state(gm)
+    # fx's tracer stores the tensors it meets as constants on the root (``_tensor_constant0``)
+    # and the GraphModule copies them; the model itself gets its attributes back.
+    with structure_kept([model]):
+        guards, gm = _traced_graph_module(tracer, model, config, code_on_demand)
+    constants_out_of_state(gm)
     protected = _protect_constants(gm)
     if gm.graph.eliminate_dead_code(is_impure_node=_is_impure) or protected:
         gm.recompile()  # the code made with the GraphModule is stale only if the graph changed since

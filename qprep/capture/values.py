@@ -131,7 +131,8 @@ class Values:
         if not self.enabled or node.op == "output":
             return
         try:
-            value = self._evaluate(node)
+            with self._passthrough():
+                value = self._evaluate(node)
         except _NoValue:
             return
         except Exception as exc:  # noqa: BLE001  (an op meta tensors cannot run: no value, traced on symbolically)
@@ -172,21 +173,22 @@ class Values:
             return self._placeholder(node)
         args = torch.fx.node.map_arg(node.args, _required)
         kwargs = torch.fx.node.map_arg(node.kwargs, _required)
-        with self._passthrough():
-            if node.op == "get_attr":
-                obj: Any = self.root
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                return self.to_meta(obj)
-            if node.op == "call_module":
-                return self._call_module(node.target, args, kwargs)
-            if node.op == "call_method":
-                return self._call_method(node.target, args, kwargs)
-            return self._call_function(node.target, args, kwargs)
+        if node.op == "get_attr":
+            obj: Any = self.root
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return self.to_meta(obj)
+        if node.op == "call_module":
+            return self._call_module(node.target, args, kwargs)
+        if node.op == "call_method":
+            return self._call_method(node.target, args, kwargs)
+        return self._call_function(node.target, args, kwargs)
 
     def _placeholder(self, node: torch.fx.Node) -> Any:
         name = node.target.lstrip("*")
         if name not in self.examples:
+            if node.target.startswith("**"):
+                return {}  # no extra keyword arguments in the example
             raise _NoValue
         return self.to_meta(self.examples[name])
 

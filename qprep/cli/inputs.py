@@ -19,7 +19,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["UsageError", "load_model", "resolve", "build_inputs", "parse_int_range", "need_inputs", "setup"]
+from ..core.inputs import check_call, empty_inputs
+
+__all__ = ["UsageError", "load_model", "resolve", "build_inputs", "parse_int_range", "need_inputs", "setup",
+           "parse_concrete"]
 
 
 class UsageError(Exception):
@@ -175,8 +178,39 @@ def _leaves(names: list[str]) -> tuple:
     return tuple(leaves)
 
 
+def parse_concrete(items: list[str] | None) -> dict | None:
+    """``--concrete NAME=VALUE`` (repeatable; VALUE is JSON: ``null``, ``2.0``, ``true``,
+    ``"mean"``, ``[1, 2]``) as ``concrete_args``; ``None`` without any."""
+    concrete: dict = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--concrete must be NAME=VALUE with VALUE in JSON (mask=null, scale=2.0), got {item!r}")
+        if name in concrete:
+            raise UsageError(f"--concrete {name}=... is given twice")
+        try:
+            concrete[name] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--concrete {name}: {text!r} is not JSON ({exc.msg}); "
+                             'a string needs JSON quotes: --concrete mode=\'"mean"\'') from None
+    return concrete or None
+
+
+def _check_inputs(model: nn.Module, inputs: tuple | None, concrete: dict | None) -> None:
+    """Inputs that ``forward`` cannot take, or that would make verification vacuous, before
+    any work: a :class:`~qprep.InputError` or :class:`UsageError` (exit 2)."""
+    check_call(model, inputs, concrete)
+    empty = empty_inputs(inputs or ())
+    if empty:
+        raise UsageError(f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: ops on an empty tensor "
+                         "compute nothing, so verifying on it proves nothing; give every dimension a size of at "
+                         "least 1")
+
+
 def setup(args) -> tuple[nn.Module, tuple | None, dict]:
-    """Model (seeded, in eval mode unless --train), inputs, and prepare() options."""
+    """Model (seeded, in eval mode unless --train), inputs, and prepare() options; inputs
+    checked against ``forward`` (count, ``--concrete`` names) and refused when empty."""
     try:
         kwargs = json.loads(args.kwargs) if args.kwargs else {}
     except json.JSONDecodeError as exc:
@@ -187,5 +221,9 @@ def setup(args) -> tuple[nn.Module, tuple | None, dict]:
     model = load_model(args.model, kwargs)
     model.train(bool(getattr(args, "train", False)) and args.command != "verify")
     inputs = build_inputs(args, model)
+    concrete = parse_concrete(args.concrete)
+    _check_inputs(model, inputs, concrete)
     options = {"leaf_modules": _leaves(args.leaf), "on_untraceable": args.on_untraceable}
+    if concrete:
+        options["concrete_args"] = concrete
     return model, inputs, options

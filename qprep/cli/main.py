@@ -14,14 +14,16 @@ import sys
 import warnings
 
 import torch
-import torch.nn as nn
 
 from ..api import diff, verify
 from ..core.errors import InputError, QprepError, TraceError
+from ..core.inputs import with_concrete
+from ..core.paths import check_writable
 from ..examples import EXAMPLES
-from ..report import jsonable
+from ..report import jsonable, report_format
 from ..verify import run_trials, trials_table
 from .check import cmd_check
+from .files import load_prepared, needs_trust, save_prepared, trust_flag, trusted_objects, warn_pickle
 from .inputs import UsageError, load_model, need_inputs, parse_int_range, setup
 from .run import equal, prepared_unchecked, prepared_with_verdict
 
@@ -32,7 +34,9 @@ EXIT_CODES = {
     0: "equivalent (prepare, diff, verify, demo) / ready for module-level quantization (check)",
     1: "not equivalent / not ready (check found ops a module-level quantizer would miss), or a pass failed",
     2: "usage or model-loading error: bad arguments or model spec, import error, bad JSON, "
-       "inputs the model rejects, a model that cannot be traced",
+       "inputs the model rejects (more than forward takes, empty tensors), an output path that cannot be "
+       "written, a model file that does not load (untrusted names: --trust; a torch.save file: --pickle), "
+       "a model that cannot be traced",
     3: "internal error in qprep (rerun with --debug for the traceback)",
 }
 
@@ -44,24 +48,46 @@ built after torch.manual_seed(--seed), so separate runs build the same weights."
 
 
 # -- commands ----------------------------------------------------------------------------------
+def _report_path(path: str | None, what: str) -> None:
+    """A report path checked before any work: known suffix, writable folder."""
+    if path:
+        report_format(path)
+        check_writable(path, what)
+
+
 def cmd_prepare(args) -> int:
+    out = check_writable(args.output, "-o")
+    _report_path(args.report, "--report")
+    if args.pickle:
+        warn_pickle("prepare")
     model, inputs, options = setup(args)
     inputs = need_inputs(inputs, "prepare")
     gm = prepared_with_verdict(model, inputs, options)
     report = diff(model, gm)
-    out = pathlib.Path(args.output)
-    torch.save(gm, out)
-    reloaded = torch.load(out, weights_only=False)
-    reload_ok = verify(model, reloaded, inputs, replay=False).equal
+    reloaded = save_prepared(gm, out, pickle=args.pickle)
+    call = with_concrete(model, inputs, options.get("concrete_args"))
+    reload_ok = verify(model, reloaded, call, replay=False).equal
     print(report.text())
     if args.report:
         print(f"report written to {report.write(args.report)}")
-    print(f"prepared model saved to {out} (load it with torch.load(path, weights_only=False); "
+    if args.pickle:
+        how = "torch.load(path, weights_only=False), only if you trust the file"
+    else:
+        trust = needs_trust(gm)
+        how = "qprep.serialize.load(path" + (f", trusted=[{', '.join(t.__qualname__ for t in trust)}]" if trust
+                                             else "") + ")"
+        if trust:
+            how += "; qprep verify --prepared: " + " ".join(trust_flag(t) for t in trust)
+    print(f"prepared model saved to {out} (load it with {how}; "
           f"the reloaded model computes the same: {'yes' if reload_ok else 'NO'})")
     return 0 if equal(gm) and reload_ok else 1
 
 
 def cmd_diff(args) -> int:
+    if args.output:
+        if not args.format:
+            report_format(args.output)
+        check_writable(args.output, "-o")
     model, inputs, options = setup(args)
     gm = prepared_with_verdict(model, inputs, options)
     report = diff(model, gm)
@@ -78,17 +104,20 @@ def cmd_diff(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    if (args.trust or args.pickle) and not args.prepared:
+        raise UsageError("--trust and --pickle apply to a --prepared file")
+    if args.trust and args.pickle:
+        raise UsageError("--trust and --pickle exclude each other (--pickle trusts everything the file names)")
+    trusted = trusted_objects(args.trust)
+    if args.pickle:
+        warn_pickle("verify")
     model, inputs, options = setup(args)
     inputs = need_inputs(inputs, "verify")
     if args.prepared:
-        try:
-            prepared = torch.load(args.prepared, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"cannot load {args.prepared}: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(prepared, nn.Module):
-            raise UsageError(f"{args.prepared} holds a {type(prepared).__name__}, not a module")
+        prepared = load_prepared(args.prepared, pickle=args.pickle, trusted=trusted)
     else:
         prepared = prepared_unchecked(model, inputs, options)
+    inputs = with_concrete(model, inputs, options.get("concrete_args"))
     show = args.trials > 1 or sys.stderr.isatty()
 
     def progress(i: int, n: int, mode: str) -> None:
@@ -155,6 +184,9 @@ def _model_parent() -> argparse.ArgumentParser:
                    help="float32 (default), int64, bool, ...: one for all inputs or one per --input-shape")
     p.add_argument("--int-range", metavar="LOW,HIGH", help="range of random integer inputs, HIGH exclusive (default 0,2)")
     p.add_argument("--inputs", metavar="FILE", help="example inputs: a tensor or tuple saved with torch.save")
+    p.add_argument("--concrete", action="append", metavar="NAME=VALUE",
+                   help="fix a forward argument at trace time, VALUE in JSON: mask=null, scale=2.0 (repeatable); "
+                        "verification passes the same value to both models")
     p.add_argument("--leaf", action="append", metavar="NAME",
                    help="keep a submodule opaque: a qualified name (encoder.block3) or a class (pkg.mod:Class)")
     p.add_argument("--on-untraceable", choices=("raise", "leaf"), default="raise",
@@ -174,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", parents=[model], help="prepare, verify and save a model", epilog=_EPILOG,
                        formatter_class=fmt, description="Prepare MODEL, verify it bitwise on the inputs, save the "
-                       "GraphModule with torch.save and print the report.")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to torch.save the prepared model")
+                       "GraphModule (pickle-free, qprep.serialize) and print the report.")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="where to save the prepared model (qprep.serialize format; .qprep suggested)")
+    p.add_argument("--pickle", action="store_true",
+                   help="save with torch.save instead: loading that file runs code it names (trusted files only)")
     p.add_argument("--report", metavar="FILE", help="also write the report (.html, .md, .json or .txt)")
     p.add_argument("--train", action="store_true", help="prepare the model in train mode (default: eval mode)")
     p.set_defaults(func=cmd_prepare)
@@ -191,7 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[model], help="compare original and prepared on seeded random inputs",
                        epilog=_EPILOG, formatter_class=fmt, description="Run MODEL and its prepared version "
                        "(from --prepared, or prepared now) on N seeded inputs and print a verdict table.")
-    p.add_argument("--prepared", metavar="FILE", help="a prepared model saved with torch.save (qprep prepare -o)")
+    p.add_argument("--prepared", metavar="FILE", help="a prepared model file (qprep prepare -o), loaded without "
+                   "pickle (qprep.serialize.load)")
+    p.add_argument("--trust", action="append", metavar="MOD:NAME",
+                   help="a class or function (package.module:Name or file.py:Name) the --prepared file needs "
+                        "beyond qprep's allowlist (repeatable)")
+    p.add_argument("--pickle", action="store_true",
+                   help="the --prepared file was written by torch.save: load it with torch.load(weights_only=False), "
+                        "which runs code the file names (trusted files only)")
     p.add_argument("--trials", type=int, default=1, metavar="N", help="number of inputs (default 1)")
     p.add_argument("--train", action="store_true", help="also compare in train mode, dropout masks matched")
     p.add_argument("--grad", action="store_true", help="also compare gradients")

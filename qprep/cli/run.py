@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..api import prepare, verify
 from ..core import meta
+from ..core.inputs import with_concrete
 from ..report import preparation_of
 
 __all__ = ["prepared_unchecked", "prepared_with_verdict", "equal"]
@@ -42,7 +43,8 @@ def prepared_with_verdict(model: nn.Module, inputs: tuple | None, options: dict)
     """Prepare without raising on a difference; the verdict is stored in the record."""
     gm = prepared_unchecked(model, inputs, options)
     if inputs is not None:
-        preparation = preparation_of(gm).verified(verify(model, gm, inputs))
+        call = with_concrete(model, inputs, options.get("concrete_args"))
+        preparation = preparation_of(gm).verified(verify(model, gm, call))
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
     return gm
 

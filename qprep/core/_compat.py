@@ -20,8 +20,11 @@ __all__ = [
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search", "graph_module",
+    "autowrap_search", "set_grad_enabled", "has_forward_pre_hooks", "graph_module",
 ]
+
+#: What ``torch.no_grad()``/``enable_grad()``/``set_grad_enabled()`` call to switch grad mode.
+set_grad_enabled = torch._C._set_grad_enabled  # noqa: SLF001
 
 #: The function torch.fx records for ``assert x is None`` checks on concrete arguments.
 assert_is_none = torch.fx._symbolic_trace._assert_is_none  # noqa: SLF001
@@ -88,6 +91,12 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
         or module._backward_hooks or module._backward_pre_hooks  # noqa: SLF001
         or module._compiled_call_impl is not None  # noqa: SLF001
     )
+
+
+def has_forward_pre_hooks(module: torch.nn.Module) -> bool:
+    """Whether a forward pre-hook (the module's own or a global one) may change the
+    arguments ``module.forward`` gets."""
+    return bool(module._forward_pre_hooks or torch.nn.modules.module._global_forward_pre_hooks)  # noqa: SLF001
 
 
 _GLOBAL_HOOKS = (

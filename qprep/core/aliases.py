@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch.nn as nn
 
-__all__ = ["hide_aliases", "restore_missing_state"]
+__all__ = ["hide_aliases", "restore_missing_state", "match_order", "match_persistence"]
 
 _ATTR = "_qprep_hidden"
 
@@ -90,3 +90,35 @@ def restore_missing_state(original: nn.Module, prepared: nn.Module) -> list[str]
             attached.append(key)
             have.add(key)
     return attached
+
+
+def match_order(original: nn.Module, prepared: nn.Module) -> None:
+    """Register ``prepared``'s submodules, parameters and buffers in ``original``'s order
+    (what it adds after), so ``state_dict()`` lists the keys as the original does. Only the
+    containers ``prepared`` owns are reordered; modules shared with ``original`` keep theirs."""
+    if prepared is original:
+        return
+    for attr in ("_modules", "_parameters", "_buffers"):
+        ours, theirs = getattr(prepared, attr), getattr(original, attr)
+        order = [k for k in theirs if k in ours] + [k for k in ours if k not in theirs]
+        if list(ours) != order:
+            reordered = {k: ours[k] for k in order}
+            ours.clear()
+            ours.update(reordered)
+    for name, child in prepared._modules.items():  # noqa: SLF001
+        counterpart = original._modules.get(name)  # noqa: SLF001
+        if child is not None and counterpart is not None and child is not counterpart:
+            match_order(counterpart, child)
+
+
+def match_persistence(original: nn.Module, prepared: nn.Module) -> None:
+    """A buffer the original keeps out of ``state_dict()`` (``persistent=False``, such as a
+    rotary ``inv_freq``) stays out of it where ``prepared`` registers it anew."""
+    transient = {id(module._buffers[name]) for module in original.modules()  # noqa: SLF001
+                 for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None}  # noqa: SLF001
+    if not transient:
+        return
+    for module in prepared.modules():
+        for name, buffer in list(module._buffers.items()):  # noqa: SLF001
+            if buffer is not None and id(buffer) in transient:
+                module._non_persistent_buffers_set.add(name)  # noqa: SLF001

@@ -14,6 +14,7 @@ __all__ = [
     "RewriteError",
     "NotEquivalentError",
     "GuardError",
+    "InconclusiveWarning",
 ]
 
 
@@ -86,3 +87,8 @@ class GuardError(QprepError):
         self.expected = expected
         self.actual = actual
         self.location = location
+
+
+class InconclusiveWarning(UserWarning):
+    """A verification that proves little: it ran on empty input tensors (ops on them compute
+    nothing) or every output was empty. :attr:`qprep.VerifyResult.caveats` says which."""

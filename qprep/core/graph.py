@@ -30,6 +30,7 @@ __all__ = [
     "erase_unused_attrs",
     "type_name",
     "retarget_scope",
+    "constants_out_of_state",
 ]
 
 # Tensor methods and attributes whose result is metadata, not a tensor.
@@ -234,3 +235,14 @@ def erase_unused_attrs(gm: torch.fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
+
+
+def constants_out_of_state(gm: torch.fx.GraphModule) -> None:
+    """Tensors made at trace time are constants of the graph, not state: GraphModule
+    registers them as buffers, which would add ``_tensor_constant0`` to ``state_dict()`` and
+    break loading the original's checkpoint with ``strict=True``."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("_tensor_constant") and "." not in node.target:
+            value = getattr(gm, node.target)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                gm.register_buffer(node.target, value, persistent=False)

@@ -29,6 +29,7 @@ CONVERSIONS = {
     "len": len,
     "keys": lambda value: tuple(value.keys()),
     "is_none": lambda value: value is None,
+    "value": lambda value: value,  # an argument fixed at trace time (use_cache=True)
 }
 
 

@@ -4,12 +4,14 @@ the caller's random streams untouched, inputs cloned (a model may update them in
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-__all__ = ["preserved_state", "forked_rng", "clone_tree", "map_tensors", "seeded"]
+__all__ = ["preserved_state", "forked_rng", "clone_tree", "map_tensors", "seeded", "structure_kept",
+           "shallow_copy"]
 
 
 @contextlib.contextmanager
@@ -25,6 +27,60 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
+
+
+_CONTAINERS = (dict, set)  # OrderedDict is a dict: _modules, _parameters, _buffers, every hook dict
+
+
+def _structure(module: nn.Module) -> tuple:
+    attrs = dict(vars(module))
+    contents = {k: v.copy() for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
+    return module, type(module), attrs, contents
+
+
+def _restore(saved: tuple) -> None:
+    module, cls, attrs, contents = saved
+    current = vars(module)
+    for key in [k for k in current if k not in attrs]:
+        del current[key]
+    for key, value in attrs.items():
+        if key in contents:  # the same container object, with its old contents
+            value.clear()
+            value.update(contents[key])
+        current[key] = value
+    if type(module) is not cls:
+        module.__class__ = cls
+
+
+@contextlib.contextmanager
+def structure_kept(modules, *, on_success: bool = True) -> Iterator[None]:
+    """Put back, on exit, every attribute of each of ``modules``: its submodules, Parameters
+    and buffers (the registrations, not the tensor values), hooks of every kind, training
+    flag, ``forward`` and other instance attributes, and its class; containers such as
+    ``_modules`` and ``_forward_hooks`` stay the same objects, with their old contents.
+    ``on_success=False``: only when the block raises (a failed step is undone, a successful
+    one kept). A shallow record: no tensor is copied."""
+    saved = [_structure(m) for m in dict.fromkeys(modules)]
+    try:
+        yield
+    except BaseException:
+        for entry in saved:
+            _restore(entry)
+        raise
+    if on_success:
+        for entry in saved:
+            _restore(entry)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of ``module``'s class with the same attributes, submodules,
+    Parameters, buffers and hooks (the objects themselves, not copies), in containers of its
+    own: setting or registering something on the copy leaves ``module`` as it is."""
+    new = copy.copy(module)
+    for key, value in vars(new).items():
+        if isinstance(value, _CONTAINERS):
+            vars(new)[key] = value.copy()
+    return new
 
 
 def forked_rng():

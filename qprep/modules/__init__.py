@@ -10,18 +10,18 @@ from .ops import (
     Cumsum, Cumprod, Var, Std, LogSumExp, Eq, Ne, Lt, Le, Gt, Ge, LogicalNot,
     LogicalAnd, LogicalOr, BitwiseAnd, BitwiseOr, BitwiseXor, BitwiseNot, SetItem, Functional,
 )
-from .attention import ModularMultiheadAttention, SafeSoftmax, SlicedLinear
+from .attention import ModularMultiheadAttention, SafeSoftmax, ScaledDotProductAttention, SlicedLinear
 from .rnn import ModularGRU, ModularGRUCell, ModularLSTM, ModularLSTMCell, ModularRecurrentLayer, ModularRNN, ModularRNNCell
 
 #: Every module type qprep makes: the tracer keeps them as leaves (they are prepared already).
 MODULE_TYPES: tuple[type, ...] = (
     TensorOp, ModularLSTMCell, ModularGRUCell, ModularRNNCell, ModularRecurrentLayer, ModularLSTM, ModularGRU,
-    ModularRNN, ModularMultiheadAttention, SlicedLinear, SafeSoftmax,
+    ModularRNN, ModularMultiheadAttention, SlicedLinear, SafeSoftmax, ScaledDotProductAttention,
 )
 
 __all__ = [
     "MODULE_TYPES",
     "Input", "TensorOp", *ops.__all__,
     "ModularLSTMCell", "ModularGRUCell", "ModularRNNCell", "ModularRecurrentLayer", "ModularLSTM", "ModularGRU", "ModularRNN",
-    "ModularMultiheadAttention", "SlicedLinear", "SafeSoftmax",
+    "ModularMultiheadAttention", "SlicedLinear", "SafeSoftmax", "ScaledDotProductAttention",
 ]

@@ -69,7 +69,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..core.aliases import hide_aliases
 from ..core.template import Input
-from .ops import Add, BMM, Baddbmm, Cat, MaskedFill, MatMul, Mean, Mul
+from .ops import Add, BMM, Baddbmm, Cat, Functional, LogicalNot, MaskedFill, MatMul, Mean, Mul
 
 __all__ = ["SlicedLinear", "SafeSoftmax", "ModularMultiheadAttention"]
 
@@ -148,6 +148,63 @@ class SafeSoftmax(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+class ScaledDotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` with every op a module: SDPA's math kernel spelled out.
+
+    ``forward(query, key, value, attn_mask=None)`` with the call's constants (``dropout_p``,
+    ``is_causal``, ``scale``, ``enable_gqa``) as attributes. The ops, in the math kernel's
+    order: ``scale_q`` and ``scale_k`` multiply query and transposed key by the square root of
+    the scale; ``qk_matmul``; a bool mask (or the causal one) becomes the additive float mask
+    (``mask_fill``: ``-inf`` where not attended); ``mask_add``; ``softmax`` (the kernel's safe
+    softmax: a fully masked row gives 0); ``dropout`` (``F.dropout(..., training=True)``, as the
+    kernel draws it, when ``dropout_p > 0``); ``av_matmul``; with ``enable_gqa``, key and value
+    heads are repeated (``repeat_interleave``) as the kernel does.
+
+    Bitwise equal to SDPA's math kernel (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``);
+    to the default (flash) kernel on CPU within the bound of :data:`qprep.verify.KERNEL_BOUNDS`.
+    """
+
+    def __init__(self, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 enable_gqa: bool = False):
+        super().__init__()
+        self.dropout_p, self.is_causal, self.scale, self.enable_gqa = float(dropout_p), bool(is_causal), scale, enable_gqa
+        self.scale_q = Mul()
+        self.scale_k = Mul()
+        self.qk_matmul = MatMul()
+        self.mask_not = LogicalNot()
+        self.mask_fill = MaskedFill(value=_NEG_INF)
+        self.mask_add = Add()
+        self.softmax = SafeSoftmax(dim=-1)
+        self.dropout = Functional(F.dropout, (Input(0),), {"p": self.dropout_p, "training": True})
+        self.av_matmul = MatMul()
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(query.size(-1))
+        root = math.sqrt(abs(scale))
+        if self.is_causal:
+            if attn_mask is not None:
+                raise ValueError("scaled_dot_product_attention: is_causal=True takes no attn_mask")
+            attn_mask = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = self.mask_fill(torch.zeros_like(attn_mask, dtype=query.dtype), self.mask_not(attn_mask))
+        query = self.scale_q(query, -root if scale < 0 else root)
+        if self.enable_gqa:
+            key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+            value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+        scores = self.qk_matmul(query, self.scale_k(key.transpose(-2, -1), root))
+        if attn_mask is not None:
+            scores = self.mask_add(scores, attn_mask)
+        weights = self.softmax(scores)
+        if self.dropout_p > 0.0:
+            weights = self.dropout(weights)
+        return self.av_matmul(weights, value)
+
+    def extra_repr(self) -> str:
+        return (f"dropout_p={self.dropout_p}, is_causal={self.is_causal}, scale={self.scale}, "
+                f"enable_gqa={self.enable_gqa}")
 
 
 class ModularMultiheadAttention(nn.Module):

@@ -79,12 +79,22 @@ from . import html as _html
 from . import text as _text
 from .schema import SCHEMA, jsonable
 
-__all__ = ["Report", "snapshot", "preparation_of", "split_location", "source_uri", "FORMATS"]
+__all__ = ["Report", "snapshot", "preparation_of", "split_location", "source_uri", "FORMATS", "report_format"]
 
 #: report file suffix -> format.
 FORMATS = {".html": "html", ".htm": "html", ".md": "markdown", ".markdown": "markdown",
            ".json": "json", ".txt": "text", ".text": "text"}
 _CODE_WIDTH = 56
+
+
+def report_format(path: str | os.PathLike) -> str:
+    """The format a report file's suffix asks for (``"html"``, ``"markdown"``, ``"json"``,
+    ``"text"``); :class:`InputError` for another suffix."""
+    fmt = FORMATS.get(pathlib.Path(path).suffix.lower())
+    if fmt is None:
+        raise InputError(f"cannot tell the report format from {pathlib.Path(path).name!r}: "
+                         "use .html, .md, .json or .txt")
+    return fmt
 
 
 def snapshot(gm: torch.fx.GraphModule) -> dict:
@@ -362,9 +372,7 @@ class Report:
     def write(self, path: str | os.PathLike) -> pathlib.Path:
         """Write the report; the format follows the suffix: .html, .md, .json or .txt."""
         path = pathlib.Path(path)
-        fmt = FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise InputError(f"cannot tell the report format from {path.name!r}: use .html, .md, .json or .txt")
+        fmt = report_format(path)
         text = {"html": self.html, "markdown": self.markdown, "json": self.json, "text": self.text}[fmt]()
         path.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
         return path

@@ -113,9 +113,12 @@ def trials_table(runs: list[Trial]) -> str:
         rows.append((
             run.index, run.mode, run.seed, "yes" if r.equal else "NO", fmt_float(r.max_abs_diff),
             len(r.outputs) + len(r.grads), ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else ""),
-            r.reference, kernel or (f"first bad pass: {r.first_bad_pass}" if r.first_bad_pass else ""),
+            r.reference, kernel or (f"first bad pass: {r.first_bad_pass}" if r.first_bad_pass else "")
+            or ("INCONCLUSIVE (empty)" if r.caveats else ""),
         ))
     table = tabulate(rows, headers=["trial", "mode", "seed", "bitwise equal", "max abs diff", "checked",
                                     "differing", "reference", "note"])
     ok = all(run.equal for run in runs)
-    return f"{table}\nverdict: {'EQUIVALENT' if ok else 'NOT EQUIVALENT'} ({len(runs)} run{'s' if len(runs) != 1 else ''})"
+    caveats = dict.fromkeys(c for run in runs for c in run.result.caveats)
+    verdict = f"verdict: {'EQUIVALENT' if ok else 'NOT EQUIVALENT'} ({len(runs)} run{'s' if len(runs) != 1 else ''})"
+    return "\n".join([table, verdict, *(f"INCONCLUSIVE: {c}" for c in caveats)])

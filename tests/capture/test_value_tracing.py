@@ -364,7 +364,7 @@ def test_leaf_mode_with_an_untraceable_top_level_forward_prepares_the_submodules
 
 
 def test_fx_wrapped_function_is_traced_into_or_kept_whole():
-    model = __import__("torchvision").models.swin_t(num_classes=10).eval()
+    model = pytest.importorskip("torchvision").models.swin_t(num_classes=10).eval()
     gm = qprep.prepare(model, (torch.randn(1, 3, 64, 64),))
     calls = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     import torchvision.models.swin_transformer as swin
@@ -388,3 +388,42 @@ def test_pickle_round_trip_keeps_guards_factories_and_both_modes(model, x):
     if guards(gm):
         with pytest.raises(GuardError):
             loaded(torch.randn(3, 4))
+
+
+class _Settings:
+    pass
+
+
+class _ObjectArgument(nn.Module):
+    """A float with a default, an object argument, and a tensor after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0, settings=_Settings(), y=None):
+        out = self.fc(x) * scale
+        return out if y is None else out + y
+
+
+def test_fixed_arguments_keep_the_signature_default_and_refuse_another():
+    model = _ObjectArgument().eval()
+    x = torch.randn(3, 4)
+    gm = qprep.prepare(model, (x,), concrete_args={"scale": 2.0})
+    assert torch.equal(gm(x, 2.0), model(x, 2.0))
+    with pytest.raises(qprep.GuardError, match="`scale` gave 1.0"):
+        gm(x)  # the original would use its default, 1.0
+
+
+def test_arguments_after_an_object_argument_are_keyword_only():
+    model = _ObjectArgument().eval()
+    x, y = torch.randn(3, 4), torch.randn(4)
+    settings = _Settings()
+    gm = qprep.prepare(model, (x, 1.0, settings, y))  # verified: the check passes y by keyword
+    assert torch.equal(gm(x, settings=settings, y=y), model(x, y=y))
+    with pytest.raises(TypeError):
+        gm(x, 1.0, settings, y)  # `settings` has no default the generated code can write
+    fixed = qprep.prepare(model, (x,))
+    assert torch.equal(fixed(x), model(x))
+    with pytest.raises(qprep.GuardError, match="pass the arguments after it by keyword"):
+        fixed(x, 1.0, _Settings())  # a positional call must not bind `y` one place off
