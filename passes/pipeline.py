@@ -2,8 +2,9 @@
 
 The runner logs each pass, lints the graph after it, and wraps a failure as "pass X failed
 after [A, B]". It regenerates the code once at the end (code generation is the costliest
-step of a pass and no pass reads the code), and after each pass only when a callback wants
-to run the intermediate model. Running the pipeline on its own output changes nothing.
+step of a pass and no pass reads the code; not at all with ``recompile=False``, for a
+caller that builds new modules from the graph), and after each pass only when a callback
+wants to run the intermediate model. Running the pipeline on its own output changes nothing.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def run_pipeline(
     config: PrepareConfig,
     passes: Sequence[Pass] | None = None,
     after_each: Callable[[str, torch.fx.GraphModule], None] | None = None,
+    recompile: bool = True,
 ) -> list[PassResult]:
     """Run ``passes`` (default: :data:`PIPELINE`) in order on ``gm`` (mutated in place);
-    return their results."""
+    return their results. ``recompile=False``: ``gm``'s code is left as it was (the caller
+    makes new modules from ``gm.graph``)."""
     passes = PIPELINE if passes is None else passes
     results: list[PassResult] = []
     done: list[str] = []
@@ -67,6 +70,6 @@ def run_pipeline(
         done.append(name)
         if after_each is not None:
             after_each(name, gm)
-    if after_each is None and any(r.changed for r in results):
+    if recompile and after_each is None and any(r.changed for r in results):
         gm.recompile()
     return results

@@ -21,6 +21,7 @@ from .modules.fast_forward import install_fast_forward
 from .core import meta
 from .core.aliases import match_order, match_persistence, restore_missing_state
 from .core.config import PrepareConfig
+from .core.copying import deepcopy_module
 from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, QprepError, TraceError
 from .core.inputs import as_positional, check_call, fit_call, with_concrete
 from .core.paths import check_writable
@@ -37,7 +38,7 @@ def _working_copy(model: nn.Module, inplace: bool) -> nn.Module:
     if inplace:
         return model
     try:
-        return copy.deepcopy(model)
+        return deepcopy_module(model)
     except Exception as exc:  # noqa: BLE001
         raise InputError(
             f"cannot copy {type(model).__name__} ({type(exc).__name__}: {exc}); "
@@ -139,7 +140,7 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
         return _prepare_inside(model, work, config, args, exc, check=check, report=report)
     gm = captured.graph_module
     before = snapshot(gm)
-    results = run_pipeline(gm, config)
+    results = run_pipeline(gm, config, recompile=not (captured.dual or captured.variants))
     if captured.dual:  # one graph per mode, sharing every module the passes made
         gm.training = model.training
         gm = DualGraphModule(gm, split(gm, "train"), split(gm, "eval"), gm._get_name())

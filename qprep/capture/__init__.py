@@ -24,6 +24,7 @@ from ..core.runtime import clone_tree, forked_rng, preserved_state
 from .analysis import branch_note, has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, same_structure
 from .dual import share_call_sites, split, union
 from .guards import guard_checks
+from .memo import shared_results
 from .specialise import example_values, fixed_arguments, trace_specialised
 from .tracer import trace
 
@@ -123,6 +124,11 @@ def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capt
     """Trace ``model`` for example inputs ``args`` (a tuple of positional arguments, or
     ``None``) and analyse the graph. ``model`` is traced on meta tensors, not run (but for
     a check of the example inputs when some op could not run on meta tensors)."""
+    with shared_results():  # both modes' traces reuse each other's op results
+        return _capture(model, config, args)
+
+
+def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capture:
     traced, fixed = trace_specialised(model, config, args)
     gm, trace_notes = traced
     if args is not None and traced.failures:
@@ -133,7 +139,8 @@ def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capt
     if has_mode_sensitive_calls(gm) or may_depend_on_mode(model, leaf_types):
         examples = example_values(model, args) if args is not None else None
         with _flipped_modes(model):
-            flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples)
+            flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples,
+                            code_on_demand=True)  # compared, or merged into a new graph: never run
         mode = "train" if model.training else "eval"
         if same_structure(gm, flipped[0], _scope_mode(model)):
             notes += mark_training_dependence(gm, flipped[0], mode, _scope_mode(model))

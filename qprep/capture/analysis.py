@@ -25,7 +25,7 @@ from .compound import COMPOUND_NN
 
 __all__ = [
     "mark_training_dependence", "may_depend_on_mode", "has_mode_sensitive_calls", "same_structure", "branch_note",
-    "MODE_SENSITIVE",
+    "MODE_SENSITIVE", "class_reads_training",
 ]
 
 #: Functionals that take a ``training`` flag: their presence alone asks for the second trace.
@@ -51,7 +51,7 @@ def _may_take_training(node: torch.fx.Node) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _class_reads_training(cls: type) -> bool:
+def class_reads_training(cls: type) -> bool:
     """Whether the source of ``cls`` (or a base below ``nn.Module``) mentions ``training``;
     ``True`` when the source cannot be read."""
     for klass in cls.__mro__:
@@ -75,7 +75,7 @@ def may_depend_on_mode(model: nn.Module, leaf_types: tuple = ()) -> bool:
             continue
         if leaf_types and isinstance(module, leaf_types):
             continue
-        if _class_reads_training(cls):
+        if class_reads_training(cls):
             return True
     return False
 

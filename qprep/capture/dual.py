@@ -51,9 +51,13 @@ def union(graph_modules: list[torch.fx.GraphModule], labels: tuple[str, ...] = M
     graph = torch.fx.Graph(tracer_cls=QprepTracer)
     attrs: dict[str, Any] = {}
     open_keys: dict[tuple, list[torch.fx.Node]] = {}
-    position: dict[torch.fx.Node, int] = {}
+    # A node's place in the union graph: (i, 0) for the i-th node when a trace starts, (i, k)
+    # for the k-th node of the trace placed after it. A trace's own nodes go right after the
+    # cursor, which only moves forward, so these pairs stay in graph order within a trace.
+    position: dict[torch.fx.Node, tuple[int, int]] = {}
     outputs: list[Any] = []
     for label, gm in zip(labels, graph_modules):
+        position = {n: (i, 0) for i, n in enumerate(graph.nodes)}
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         taken: set[torch.fx.Node] = set()  # union nodes this trace shares already
         cursor: torch.fx.Node | None = None  # the union node of this trace's last node
@@ -76,10 +80,7 @@ def union(graph_modules: list[torch.fx.GraphModule], labels: tuple[str, ...] = M
             meta.set_facts(new, **{meta.MODES: (label,)})
             open_keys.setdefault(key, []).append(new)
             taken.add(new)
-            if new.next.op == "root":  # appended: the positions before it hold
-                position[new] = len(position)
-            else:
-                _renumber(graph, position)
+            position[new] = (position[anchor][0], position[anchor][1] + 1) if anchor is not None else (-1, 0)
             env[node] = cursor = new
     graph.output(tuple(outputs))
     gm = torch.fx.GraphModule(attrs, graph, first._get_name())
@@ -87,11 +88,6 @@ def union(graph_modules: list[torch.fx.GraphModule], labels: tuple[str, ...] = M
     gm.training = first.training
     gm.meta.update(first.meta)
     return gm
-
-
-def _renumber(graph: torch.fx.Graph, position: dict) -> None:
-    for i, n in enumerate(graph.nodes):
-        position[n] = i
 
 
 def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node | None:

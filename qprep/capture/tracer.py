@@ -46,7 +46,9 @@ import torch.nn as nn
 import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
-from ..core._compat import last_node, mha_fastpath, new_patcher, set_grad_enabled, wrapped_function_registry
+from ..core._compat import (
+    graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled, wrapped_function_registry,
+)
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
 from ..core.guards import CONVERSIONS, Guard, check_guard
@@ -123,13 +125,20 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+_SKIPPED: dict[str, bool] = {}  # file name -> whether its frames are left out (asked per node, per frame)
+
+
 def _user_frames(depth: int) -> list[tuple[str, int, str]]:
     frames = []
     frame = sys._getframe(depth)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_FRAMES) or filename == _EXAMPLES:
-            frames.append((filename, frame.f_lineno, frame.f_code.co_name))
+        code = frame.f_code
+        filename = code.co_filename
+        skipped = _SKIPPED.get(filename)
+        if skipped is None:
+            skipped = _SKIPPED[filename] = filename.startswith(_SKIP_FRAMES) and filename != _EXAMPLES
+        if not skipped:
+            frames.append((filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
     frames.reverse()
     return frames
@@ -770,10 +779,12 @@ def _mutates_first_argument(node: torch.fx.Node) -> bool:
     return False
 
 
-def _protect_constants(gm: torch.fx.GraphModule) -> None:
+def _protect_constants(gm: torch.fx.GraphModule) -> bool:
     """A tensor made at trace time (``z = torch.zeros(3)``) is a constant of the graph; when
     the graph updates it in place (``z += x``), each call would see the last call's update.
-    Such a constant is cloned where the graph reads it, as eager mode makes a fresh one."""
+    Such a constant is cloned where the graph reads it, as eager mode makes a fresh one.
+    Returns whether the graph changed."""
+    changed = False
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or not node.target.startswith("_tensor_constant"):
             continue
@@ -783,6 +794,8 @@ def _protect_constants(gm: torch.fx.GraphModule) -> None:
             fresh = gm.graph.call_method("clone", (node,))
         fresh.meta = dict(node.meta)
         node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
+        changed = True
+    return changed
 
 
 class Traced(tuple):
@@ -799,7 +812,8 @@ class Traced(tuple):
         return self
 
 
-def _traced_graph_module(tracer: QprepTracer, model: nn.Module, config: PrepareConfig) -> tuple:
+def _traced_graph_module(tracer: QprepTracer, model: nn.Module, config: PrepareConfig,
+                         code_on_demand: bool = False) -> tuple:
     """The graph (guards inserted) and its GraphModule over ``tracer.root``."""
     try:
         graph = tracer.trace(model, concrete_args=config.concrete_args)
@@ -817,14 +831,17 @@ def _traced_graph_module(tracer: QprepTracer, model: nn.Module, config: PrepareC
         # every later trace); qprep's tracer records those calls anyway. Guards keep the mark.
         if node.target is not check_guard:
             node.meta.pop("is_wrapped", None)
-    return guards, torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    return guards, graph_module(tracer.root, graph, model.__class__.__name__, code_on_demand=code_on_demand)
 
 
-def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None) -> Traced:
+def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[str, Any] | None = None, *,
+          code_on_demand: bool = False) -> Traced:
     """Trace ``model`` into a GraphModule whose leaves are ``model``'s own module objects.
 
     Args:
         examples: forward parameter name -> example value (see :class:`QprepTracer`).
+        code_on_demand: the GraphModule generates its code only when run or read (for a
+            trace that is compared and dropped).
 
     Returns ``(graph_module, notes on submodules kept opaque)``, with ``.guards``; the
     guards are also in ``gm.meta["qprep"]["guards"]`` and checked in the generated code.
@@ -837,11 +854,11 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
     # fx's tracer stores the tensors it meets as constants on the root (``_tensor_constant0``)
     # and the GraphModule copies them; the model itself gets its attributes back.
     with structure_kept([model]):
-        guards, gm = _traced_graph_module(tracer, model, config)
+        guards, gm = _traced_graph_module(tracer, model, config, code_on_demand)
     constants_out_of_state(gm)
-    _protect_constants(gm)
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.recompile()
+    protected = _protect_constants(gm)
+    if gm.graph.eliminate_dead_code(is_impure_node=_is_impure) or protected:
+        gm.recompile()  # the code made with the GraphModule is stale only if the graph changed since
     aliases = _module_aliases(model)
     if aliases:
         meta.set_graph_facts(gm, **{meta.MODULE_ALIASES: aliases})

@@ -19,6 +19,7 @@ clear error rather than a guess.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import dataclasses
 from typing import Any, Callable
@@ -28,12 +29,12 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.node import map_aggregate
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core import meta
 from ..core._compat import ORIGINAL_MODULE_CALL, extract_tensor_metadata
 from ..core.runtime import copy_object, plain_object
 from ..core.template import tree_any
+from .memo import current_results, function_key, method_key, module_key
 
 __all__ = ["UNKNOWN", "Values", "value_of", "is_known"]
 
@@ -78,6 +79,7 @@ SHAPE_PRESERVING_FUNCTIONS = frozenset({
 
 # Keyword and positional device arguments are evaluated on the meta device.
 _META = torch.device("meta")
+_CPU = torch.device("cpu")
 
 
 def value_of(node: Any) -> Any:
@@ -118,8 +120,11 @@ class Values:
         self._meta_of: dict[int, torch.Tensor] = {}  # id(real tensor) -> its meta twin
         self._real: list[torch.Tensor] = []  # keeps the real tensors alive so ids stay unique
         self._twins: dict[int, nn.Module] = {}
-        self._devices = WeakIdKeyDictionary()  # meta tensor -> the real device it stands for
+        # id(meta tensor) -> (the tensor, kept alive so that ids stay unique; the real device it stands for)
+        self._devices: dict[int, tuple[torch.Tensor, torch.device]] = {}
+        self._modules: dict[str, nn.Module] = {}  # call_module target -> module
         self.failures: dict[str, _Failure] = {}
+        self.results = current_results()  # op results remembered (shared by the traces of one capture)
 
     # -- what a node's value is --------------------------------------------------------
     def record(self, node: torch.fx.Node) -> None:
@@ -136,7 +141,7 @@ class Values:
             return
         node.meta[meta.VAL] = value
         if isinstance(value, torch.Tensor):
-            node.meta[meta.TENSOR_META] = extract_tensor_metadata(value)
+            node.meta[meta.TENSOR_META] = _tensor_meta(value, self.results.tensor_meta)
         meta.set_facts(node, **{meta.VALUE: {
             "type": torch.Tensor if isinstance(value, torch.Tensor) else type(value),
             "shape": tuple(value.shape) if isinstance(value, torch.Tensor) else None,
@@ -160,7 +165,8 @@ class Values:
 
     def device(self, value: torch.Tensor) -> torch.device:
         """The real device the meta tensor ``value`` stands for."""
-        return self._devices.get(value, torch.device("cpu"))
+        found = self._devices.get(id(value))
+        return found[1] if found is not None else _CPU
 
     # -- evaluation ------------------------------------------------------------------
     def _evaluate(self, node: torch.fx.Node) -> Any:
@@ -196,6 +202,11 @@ class Values:
         return copy_object(obj, self._tensor_to_meta, always=True)
 
     def _inputs_device(self, *values: Any) -> torch.device | None:
+        for v in values[0]:  # the common case: a tensor among the positional arguments, before any container
+            if isinstance(v, torch.Tensor):
+                return self.device(v) if v.is_meta else v.device
+            if isinstance(v, (list, tuple, dict, slice)):
+                break
         found: list[torch.device] = []
 
         def visit(v):
@@ -206,14 +217,22 @@ class Values:
         return found[0] if found else None
 
     def _call_function(self, target: Callable, args: tuple, kwargs: dict) -> Any:
+        if target is builtins.getattr and len(args) == 2 and isinstance(args[0], torch.Tensor) \
+                and args[1] in _DEVICE_ATTRIBUTES:  # the example's device, not the meta device
+            return _DEVICE_ATTRIBUTES[args[1]](self.device(args[0]) if args[0].is_meta else args[0].device)
         if _in(SHAPE_PRESERVING_FUNCTIONS, target) and args and isinstance(args[0], torch.Tensor) \
                 and not kwargs.get("inplace") and kwargs.get("dtype") is None:
             return self._like(self.to_meta(args[0]), self.to_meta(args[1:]), self.to_meta(kwargs))
+        if kwargs.get("inplace") is True and _in(SHAPE_PRESERVING_FUNCTIONS, target) and args \
+                and _updatable(args[0]):
+            return args[0]  # an in-place activation returns its input, unchanged but for its data
         device = _requested_device(kwargs)
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
         if device is not None and "device" not in kwargs:
             kwargs["device"] = _META
-        out = target(*args, **kwargs)
+        tensors: list = []
+        key = function_key(target, args, kwargs, tensors)
+        out = self.results.run(key, tensors, lambda: target(*args, **kwargs))
         return self._outputs(out, device or self._inputs_device(args, kwargs))
 
     def _call_method(self, name: str, args: tuple, kwargs: dict) -> Any:
@@ -225,7 +244,9 @@ class Values:
             return device.index if device.type != "cpu" else -1
         device = _requested_device(kwargs)
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
-        out = getattr(args[0], name)(*args[1:], **kwargs)
+        tensors: list = []
+        key = method_key(name, args, kwargs, tensors)
+        out = self.results.run(key, tensors, lambda: getattr(args[0], name)(*args[1:], **kwargs))
         return self._outputs(out, device or self._inputs_device(args))
 
     def _move(self, t: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -234,10 +255,10 @@ class Values:
         t = self.to_meta(t)
         device = self.device(t)
         if name == "cuda":
-            device = torch.device("cuda", args[0] if args and isinstance(args[0], int) else 0)
-            return self._outputs(t.clone() if kwargs.get("copy") else t, device)
+            target = torch.device("cuda", args[0] if args and isinstance(args[0], int) else 0)
+            return self._outputs(self._moved(t, t.clone() if kwargs.get("copy") else t, target), target)
         if name == "cpu":
-            return self._outputs(t, torch.device("cpu"))
+            return self._outputs(self._moved(t, t, _CPU), _CPU)
         if name == "type":
             return self._outputs(t.type(*args, **kwargs), device)
         dtype, rest = t.dtype, dict(kwargs)
@@ -252,33 +273,54 @@ class Values:
                 dtype, device = a.dtype, self.device(a) if a.is_meta else a.device
         dtype = rest.pop("dtype", dtype)
         out = t.to(dtype=dtype, **{k: v for k, v in rest.items() if k in ("copy", "memory_format", "non_blocking")})
-        return self._outputs(out, device)
+        return self._outputs(self._moved(t, out, device), device)
+
+    def _moved(self, t: torch.Tensor, out: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``out`` of moving ``t`` to ``device``: a new tensor when the device changes (as in
+        eager mode), so that ``t`` keeps its own device."""
+        if out is t and not _same_device(self.device(t), device):
+            return t.clone()
+        return out
 
     def _call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        module = self.root.get_submodule(target)
+        module = self._modules.get(target)
+        if module is None:
+            module = self._modules[target] = self.root.get_submodule(target)
         args, kwargs = self.to_meta(args), self.to_meta(kwargs)
         device = self._inputs_device(args, kwargs)
-        if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) \
-                and not getattr(module, "inplace", False):
-            return self._like(args[0], tuple(module.parameters(recurse=False)), {})
-        return self._outputs(ORIGINAL_MODULE_CALL(self._twin(module), *args, **kwargs), device)
+        if type(module) in SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            if not getattr(module, "inplace", False):
+                return self._like(args[0], tuple(module.parameters(recurse=False)), {})
+            if _updatable(args[0]) and not module._parameters:  # noqa: SLF001
+                return args[0]  # an in-place activation returns its input, unchanged but for its data
+        tensors: list = []
+        key = module_key(module, args, kwargs, tensors)
+        out = self.results.run(key, tensors, lambda: ORIGINAL_MODULE_CALL(self._twin(module), *args, **kwargs))
+        return self._outputs(out, device)
 
     def _like(self, first: torch.Tensor, others: Any, kwargs: dict) -> torch.Tensor:
         """A new meta tensor shaped like ``first``, requiring grad when an input does (and,
         as in eager mode, not a leaf then)."""
         grads = torch.is_grad_enabled() and tree_any(
             (first, others, kwargs), lambda v: isinstance(v, torch.Tensor) and v.requires_grad)
-        out = torch.empty_like(first)
+        if first.stride() == _contiguous_strides(first.shape):  # empty_like's meta kernel is Python, ~25 us
+            out = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device=_META)
+        else:
+            out = torch.empty_like(first)
         return self._outputs(out.requires_grad_().clone() if grads else out, self.device(first))
 
     def _twin(self, module: nn.Module) -> nn.Module:
-        """``module`` with every parameter and buffer a meta tensor, hooks removed (a
-        structural copy; the module itself when it already lives on the meta device)."""
+        """``module`` with every parameter and buffer a meta tensor, hooks removed (the
+        module itself when it already lives on the meta device). A ``torch.nn`` module's
+        twin is a shallow structural copy (torch's own forwards change no attribute of
+        theirs); any other module's is a deep copy, which its forward may change freely."""
         twin = self._twins.get(id(module))
         if twin is None:
             state = [*module.parameters(), *module.buffers()]
             if all(t.is_meta for t in state):
                 twin = module
+            elif _torch_nn(module):
+                twin = self._shallow_twin(module)
             else:
                 twin = copy.deepcopy(module, {id(t): self.to_meta(t) for t in state})
                 for m in twin.modules():
@@ -289,13 +331,30 @@ class Values:
             self._real.append(module)
         return twin
 
+    def _shallow_twin(self, module: nn.Module) -> nn.Module:
+        twin = object.__new__(type(module))
+        state = {}
+        for name, value in module.__dict__.items():
+            if name in _HOOK_DICTS:
+                value = type(value)()
+            elif name == "_modules":
+                value = {k: None if m is None else self._shallow_twin(m) for k, m in value.items()}
+            elif name in ("_parameters", "_buffers"):
+                value = {k: None if t is None else self.to_meta(t) for k, t in value.items()}
+            elif isinstance(value, torch.Tensor) or isinstance(value, (list, tuple, dict)) and tree_any(
+                    value, lambda v: isinstance(v, torch.Tensor)):
+                value = self.to_meta(value)  # ``nn.LSTM._flat_weights``: the twin's own parameters
+            state[name] = value
+        twin.__dict__.update(state)
+        return twin
+
     # -- meta tensors ----------------------------------------------------------------
     def to_meta(self, value: Any) -> Any:
         """``value`` with every real tensor replaced by its meta twin (cached, so one tensor
         has one twin); Parameters stay Parameters."""
         if isinstance(value, torch.Tensor):
             return self._tensor_to_meta(value)
-        if isinstance(value, (list, tuple, dict, slice)) and tree_any(value, lambda v: isinstance(v, torch.Tensor)):
+        if isinstance(value, (list, tuple, dict, slice)) and tree_any(value, _real_tensor):
             if isinstance(value, tuple) and hasattr(value, "_fields"):
                 return type(value)(*(self.to_meta(v) for v in value))
             if isinstance(value, (list, tuple)):
@@ -318,7 +377,7 @@ class Values:
                 found = nn.Parameter(found, requires_grad=t.requires_grad)
             elif t.requires_grad:
                 found.requires_grad_(True)
-            self._devices[found] = t.device
+            self._devices[id(found)] = (found, t.device)
             self._meta_of[id(t)] = found
             self._real.append(t)
         return found
@@ -328,8 +387,8 @@ class Values:
         out = self.to_meta(out)
         if device is not None:
             def mark(v):
-                if isinstance(v, torch.Tensor) and v not in self._devices:
-                    self._devices[v] = device
+                if isinstance(v, torch.Tensor) and id(v) not in self._devices:
+                    self._devices[id(v)] = (v, device)
 
             map_aggregate(out, mark) if not isinstance(out, torch.Tensor) else mark(out)
         return out
@@ -362,3 +421,61 @@ def _meta_devices(kwargs: dict) -> dict:
     if "device" in kwargs and isinstance(kwargs["device"], (str, torch.device)):
         kwargs = {**kwargs, "device": _META}
     return kwargs
+
+
+#: Hook dictionaries of ``nn.Module`` (a twin starts with none).
+_HOOK_DICTS = frozenset(k for k, v in nn.Module().__dict__.items() if k.endswith("hooks") or "hooks_" in k)
+
+
+def _torch_nn(module: nn.Module) -> bool:
+    """Whether ``module`` and its submodules are of ``torch.nn``'s own classes, with
+    parameters that are plain ``Parameter`` objects (not lazy ones)."""
+    for m in module.modules():
+        if not type(m).__module__.startswith("torch.nn.modules."):
+            return False
+        if any(p is not None and type(p) is not nn.Parameter for p in m._parameters.values()):  # noqa: SLF001
+            return False
+    return True
+
+
+#: Tensor attributes that read the device, answered with the example's device.
+_DEVICE_ATTRIBUTES: dict[str, Callable[[torch.device], Any]] = {
+    "device": lambda d: d, "is_cuda": lambda d: d.type == "cuda", "is_cpu": lambda d: d.type == "cpu",
+    "is_meta": lambda d: d.type == "meta", "is_mps": lambda d: d.type == "mps", "is_xpu": lambda d: d.type == "xpu",
+}
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` are one device (``cuda`` is ``cuda:0`` here)."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _real_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not value.is_meta
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (which ``empty_like`` keeps as they are)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _updatable(t: Any) -> bool:
+    """Whether an in-place op may update ``t`` (eager mode refuses a leaf that requires grad
+    and a view of one: those run, and fail, as in eager mode)."""
+    return isinstance(t, torch.Tensor) and (not t.requires_grad or not t.is_leaf and not t._is_view())  # noqa: SLF001
+
+
+def _tensor_meta(t: torch.Tensor, memo: dict):
+    """``extract_tensor_metadata(t)``, made once per shape, strides, dtype and grad flag
+    in ``memo`` (the memory format it finds is the costly part)."""
+    if not t.is_meta or t.is_quantized or t.layout is not torch.strided:
+        return extract_tensor_metadata(t)
+    key = (t.shape, t.stride(), t.dtype, t.requires_grad)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = extract_tensor_metadata(t)
+    return found._replace(qparams={})

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 import torch.fx
+import torch.fx._lazy_graph_module as _fx_lazy
 import torch.fx._symbolic_trace as _fx_trace
 import torch.fx.graph_module as _fx_graph_module
 from torch.fx.experimental import _config as _fx_config
@@ -19,7 +20,7 @@ __all__ = [
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search", "set_grad_enabled", "has_forward_pre_hooks",
+    "autowrap_search", "set_grad_enabled", "has_forward_pre_hooks", "graph_module",
 ]
 
 #: What ``torch.no_grad()``/``enable_grad()``/``set_grad_enabled()`` call to switch grad mode.
@@ -132,6 +133,14 @@ def forward_from_source(src: str, globals_: dict):
     """A ``forward`` function compiled from generated source, as ``GraphModule.recompile``
     compiles its own (the source registered with linecache for tracebacks)."""
     return _fx_graph_module._forward_from_src(src, globals_)  # noqa: SLF001
+
+
+def graph_module(root, graph: torch.fx.Graph, class_name: str, *, code_on_demand: bool = False) -> torch.fx.GraphModule:
+    """``torch.fx.GraphModule(root, graph, class_name)``; with ``code_on_demand``, one that
+    generates and compiles its code only when it is first run or its code is read (fx's
+    ``_LazyGraphModule``): for a graph module that is analysed and dropped, never run."""
+    cls = _fx_lazy._LazyGraphModule if code_on_demand else torch.fx.GraphModule  # noqa: SLF001
+    return cls(root, graph, class_name)
 
 
 def add_deepcopy_hook(gm: torch.fx.GraphModule, hook) -> None:
