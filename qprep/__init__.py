@@ -5,7 +5,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .api import diff, prepare, verify
+from .api import diff, load_weights, prepare, verify
 from .core.config import PrepareConfig
 from .core.errors import (
     GuardError, InconclusiveWarning, InputError, NotEquivalentError, PassError, QprepError, RewriteError, TraceError,
@@ -16,7 +16,7 @@ from .verify import VerifyResult
 from .report.coverage import Coverage, coverage
 
 __all__ = [
-    "prepare", "verify", "diff", "coverage", "Coverage", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
+    "prepare", "verify", "diff", "load_weights", "coverage", "Coverage", "Report", "PrepareConfig", "Preparation", "Change", "PassResult", "VerifyResult",
     "QprepError", "InputError", "TraceError", "PassError", "RewriteError", "NotEquivalentError", "GuardError",
     "InconclusiveWarning",
 ]

@@ -26,12 +26,13 @@ from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, Qp
 from .core.inputs import as_positional, check_call, fit_call, with_concrete
 from .core.paths import check_writable
 from .core.records import Preparation, TraceNote
+from .core.template import tree_any
 from .core.runtime import clone_tree, forked_rng, preserved_state, shallow_copy, structure_kept
 from .passes import run_pipeline
 from .report import Report, preparation_of, report_format, snapshot
 from .verify import VerifyResult, verify_outputs
 
-__all__ = ["prepare", "verify", "diff", "replay_passes"]
+__all__ = ["prepare", "verify", "diff", "replay_passes", "load_weights"]
 
 
 def _working_copy(model: nn.Module, inplace: bool) -> nn.Module:
@@ -162,11 +163,15 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
     gm.training = model.training
     if not isinstance(gm, VariantGraphModule):
         install_fast_forward(gm)
+    on_meta = args is not None and _on_meta(work, [args, *more])
+    unverified = (TraceNote("", type(model).__name__, "not verified: the model or its example inputs are on the meta "
+                            "device (no values to compare); load weights with to_empty() and load_state_dict(), "
+                            "then check with qprep.verify()"),) if on_meta and check else ()
     preparation = Preparation(
         config=config,
         passes=tuple(r.pass_name for r in results),
         changes=captured.notes + tuple(c for r in results for c in r.changes),
-        trace_notes=captured.trace_notes,
+        trace_notes=captured.trace_notes + unverified,
         before=before,
         specialised=captured.fixed,
         changed={r.pass_name: r.changed for r in results},
@@ -175,7 +180,7 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
     meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
     if captured.guards:
         meta.set_graph_facts(gm, **{meta.GUARDS: captured.guards})
-    if check and args is not None:
+    if check and args is not None and not on_meta:
         call = with_concrete(model, args, config.concrete_args)
         result = verify(model, gm, call)
         if result.equal and captured.dual:  # the other mode's graph too
@@ -195,6 +200,31 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
     if report:
         Report.of(gm, type(model).__name__).write(report)
     return gm
+
+
+def load_weights(prepared: nn.Module, source: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Give a model prepared on the meta device the weights of ``source`` (the same model,
+    built with its weights): storage on ``device`` (``source``'s by default), then every
+    Parameter and buffer of ``source`` by name, the non-persistent buffers ``state_dict``
+    leaves out (a rotary ``inv_freq``) included; strict about the ``state_dict`` keys (a
+    buffer the prepared graph never reads is not in it). Returns ``prepared``."""
+    if device is None:
+        device = next(iter([*source.parameters(), *source.buffers()]), torch.empty(0)).device
+    prepared.to_empty(device=device)
+    prepared.load_state_dict(source.state_dict())  # strict: the same keys both ways
+    mine = dict(prepared.named_buffers())
+    with torch.no_grad():
+        for name, buffer in source.named_buffers():
+            if name in mine:
+                mine[name].copy_(buffer)
+    return prepared
+
+
+def _on_meta(model: nn.Module, examples: list) -> bool:
+    """Whether a parameter, buffer or example tensor is on the meta device."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return True
+    return any(tree_any(ex, lambda v: isinstance(v, torch.Tensor) and v.is_meta) for ex in examples)
 
 
 def _call_signature(read, model: nn.Module, prepared: torch.fx.GraphModule, args: tuple) -> dict:
