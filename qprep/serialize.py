@@ -64,6 +64,7 @@ from .core._compat import assert_is_none
 from .core.aliases import hide_aliases
 from .core.errors import InputError, QprepError
 from .core.dual import MODES, DualGraphModule
+from .core.variants import VariantGraphModule
 from .core.guards import check_guard
 from .modules.fast_forward import install_fast_forward
 from .modules import Input, TensorOp
@@ -318,6 +319,10 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> None:
     (a hook, an object attribute of an unknown type, a tensor subclass)."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise InputError(f"save() takes a torch.fx.GraphModule (a prepared model), not {type(gm).__name__}")
+    if isinstance(gm, VariantGraphModule):
+        raise SerializationError(f"{gm._get_name()} holds {len(gm.variant_graphs)} graphs chosen by guards (prepared for "
+                                 "several example inputs); this format stores one graph per training mode. Save its "
+                                 "state_dict() and prepare the model again when loading, or use torch.save.")
     if type(gm.graph._codegen) is not torch.fx.graph.CodeGen:
         raise SerializationError(f"the graph uses {type(gm.graph._codegen).__name__}; only the default CodeGen is saved")
     w = _Writer()

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qprep
+from qprep.verify.compare import KERNEL_BOUNDS
 from tests.fuzz import campaign
 from tests.fuzz.generator import FEATURES, UNTRACEABLE_FEATURES, generate
 from tests.fuzz.oracle import FAILURE, REFUSED, check, guard_error_class, native_kernels
@@ -47,8 +48,8 @@ from tests.fuzz.oracle import FAILURE, REFUSED, check, guard_error_class, native
 #: Generator feature, or oracle signature ("kernel_bound", "state_dict_order"), -> the finding it reproduces.
 KNOWN_FINDINGS: dict[str, str] = {}  # all of F1-F10 are fixed; their reproducers below guard the fixes
 
-QUICK_PROGRAMS = 500
-SLOW_PROGRAMS = 5000
+QUICK_PROGRAMS = 1000
+SLOW_PROGRAMS = 3000
 SLOW_START = 1_000_000  # the slow run draws other seeds than the quick one
 
 
@@ -296,6 +297,37 @@ def test_f7_no_grad_block_is_recorded():
     assert qprep.verify(model, gm, (x,), grad=True).equal  # gradient w.r.t. x: 1 vs 3
 
 
+class _GradScopes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        with torch.set_grad_enabled(False):
+            a = x.sigmoid() + x
+        with torch.no_grad():
+            with torch.enable_grad():
+                b = self.fc(x)
+            c = self.fc(x)
+        out = torch.empty_like(c)
+        torch.mul(c, 2.0, out=out)  # out= refuses autograd: only right when c needs no grad
+        return a, b.requires_grad, c.requires_grad, out
+
+
+def test_f7_grad_scopes_restore_the_mode_of_the_call():
+    # Leaving a `with` restored the grad mode the trace ran in, so a prepared model called
+    # under torch.no_grad() switched grad back on after the block (seed 1000271).
+    x = torch.randn(2, 4)
+    model = _GradScopes()
+    gm = qprep.prepare(model, (x,))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            expected, got = model(x), gm(x)
+            assert torch.is_grad_enabled() is grad
+        assert got[1:3] == expected[1:3] == (True, False)
+        assert all(torch.equal(a, b) for a, b in zip(expected[::3], got[::3]))
+
+
 class _Arange(nn.Module):
     def forward(self, x):
         return x + torch.arange(4, dtype=torch.float32)
@@ -387,3 +419,51 @@ def test_f4_kernel_bound_scales_with_the_outputs():
         with torch.no_grad():
             assert torch.equal(model(x), gm(x))
     qprep.prepare(model, (x,))  # check=True: raises NotEquivalentError (fused diff 4.8e-5 > bound 2e-6)
+
+
+class _AmplifiedEncoder(nn.Module):
+    """A fused encoder followed by ops that amplify its rounding (seed 1004626)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, activation=F.gelu,
+                                                                    batch_first=True), 2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        y = self.enc(x)
+        return torch.pow(y.abs(), (y * 40).tanh() * 8)
+
+
+def test_f4_a_fused_kernel_is_bounded_on_its_own_inputs(monkeypatch):
+    torch.manual_seed(0)
+    model = _AmplifiedEncoder().eval()
+    x = torch.randn(3, 3, 8)
+    gm = qprep.prepare(model, (x,))  # equal on the native kernels, within the bound at the kernel
+    result = qprep.verify(model, gm, (x,))
+    assert result.equal and result.kernel_diff > result.kernel_bound and "within its bound" in result.kernel_local, \
+        result.table()
+    monkeypatch.setitem(KERNEL_BOUNDS, "attention (fast path)", 1e-12)  # now the kernel is over it
+    result = qprep.verify(model, gm, (x,))
+    assert not result.equal and result.kernel_local is None, result.table()
+
+
+class _RebindsBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(4, 4))
+
+    def forward(self, x):
+        self.ema = self.ema * 0.9 + x.detach().mean(0) * 0.1  # re-binds the buffer to a new tensor
+        return x - self.ema
+
+
+def test_f11_verify_restores_a_rebound_buffer():
+    # verify restored buffer values in place but not a forward's re-binding, so it changed the
+    # user's model and compared runs from different states (seed 927)
+    model = _RebindsBuffer()
+    buffer = model.ema
+    x = torch.randn(2, 4, 4)
+    gm = qprep.prepare(model, (x,), on_untraceable="leaf")  # the assignment is refused; the model a leaf
+    for _ in range(2):
+        assert qprep.verify(model, gm, (x,)).equal
+    assert model.ema is buffer and not buffer.any()

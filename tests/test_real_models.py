@@ -36,13 +36,16 @@ def test_torchvision_resnet_train_mode_and_gradients():
 
 
 def test_stochastic_depth_follows_train_mode_after_preparation():
-    """torchvision's StochasticDepth passes self.training positionally to a wrapped function."""
+    """torchvision's StochasticDepth branches on self.training: prepared in eval mode, the
+    model gets a train graph too, where the noise is drawn and multiplied in modules."""
     torch.manual_seed(0)
     model = torchvision.models.efficientnet_b0(weights=None, num_classes=10).eval()
     gm = qprep.prepare(model, (torch.randn(1, 3, 64, 64),))
-    depth = torchvision.ops.stochastic_depth
-    wrappers = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional) and m.call is depth]
-    assert wrappers and all(m.mode_arg == 3 for m in wrappers)
-    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is depth]
+    train_targets = {n.target for n in gm.graph_of("train").nodes if n.op == "call_module"}
+    eval_targets = {n.target for n in gm.graph_of("eval").nodes if n.op == "call_module"}
+    noise = sorted(t for t in train_targets - eval_targets if ".stochastic_depth." in t)
+    assert [t.rsplit(".", 1)[-1] for t in noise if t.startswith("features.2.1.")] == ["bernoulli", "div", "mul"], noise
+    assert isinstance(gm.get_submodule(noise[0]), qprep.modules.Functional)
+    assert qprep.verify(model, gm, torch.randn(2, 3, 64, 64), train=False).equal
     result = qprep.verify(model, gm, torch.randn(2, 3, 64, 64), train=True)
     assert result.equal, result.table()

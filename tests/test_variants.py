@@ -111,3 +111,12 @@ def test_mode_dependent_forward_is_locked_to_its_mode():
 def test_variants_need_example_inputs():
     with pytest.raises(qprep.InputError, match="give example_inputs too"):
         qprep.prepare(Branchy(), variants=[torch.randn(1, 4)])
+
+
+def test_the_data_format_refuses_a_model_of_several_graphs(tmp_path):
+    from qprep import serialize
+
+    gm = qprep.prepare(Branchy().eval(), torch.randn(3, 4), variants=[torch.randn(1, 4)])
+    with pytest.raises(serialize.SerializationError, match="2 graphs chosen by guards"):
+        serialize.save(gm, tmp_path / "m.qprep")
+    assert not (tmp_path / "m.qprep").exists()

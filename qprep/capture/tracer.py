@@ -47,7 +47,7 @@ import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
 from ..core._compat import (
-    graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled, wrapped_function_registry,
+    graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled, switch_grad_mode, wrapped_function_registry,
 )
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
@@ -261,6 +261,7 @@ class QprepTracer(torch.fx.Tracer):
         for fn in PACKING:
             patcher.patch(rnn_utils.__dict__, fn.__name__, self._recorded(fn, always=False))
         patcher.patch(torch._C.__dict__, "_set_grad_enabled", self._grad_mode(set_grad_enabled))  # noqa: SLF001
+        self._install_grad_scopes(patcher)
 
     def _grad_mode(self, original):
         """``with torch.no_grad():`` in a traced ``forward`` switches grad mode when the
@@ -271,6 +272,55 @@ class QprepTracer(torch.fx.Tracer):
             return original(mode)
 
         return switch
+
+    def _install_grad_scopes(self, patcher) -> None:
+        """``with torch.no_grad():`` / ``enable_grad()`` / ``set_grad_enabled(m)`` in a traced
+        ``forward``: entering records :func:`switch_grad_mode`, which returns the mode of the
+        call, and leaving restores that (not the mode the trace ran in, which a prepared model
+        called under ``torch.no_grad()`` would otherwise switch back on)."""
+        tracer = self
+
+        def enter_with(cls, mode):
+            enter = cls.__enter__
+
+            def __enter__(ctx):
+                if not tracer.recording():
+                    return enter(ctx)
+                ctx.prev = torch.is_grad_enabled()
+                ctx._qprep_previous = tracer.create_proxy("call_function", switch_grad_mode, (mode,), {})
+                set_grad_enabled(mode)
+                return None
+
+            patcher.patch_method(cls, "__enter__", __enter__, deduplicate=False)
+
+        def restoring_exit(cls):
+            exit_ = cls.__exit__
+
+            def __exit__(ctx, *exc_info):
+                previous = ctx.__dict__.pop("_qprep_previous", None)
+                if previous is None or not tracer.recording():
+                    return exit_(ctx, *exc_info)
+                tracer.create_proxy("call_function", set_grad_enabled, (previous,), {})
+                set_grad_enabled(ctx.prev)
+                return None
+
+            patcher.patch_method(cls, "__exit__", __exit__, deduplicate=False)
+
+        init = torch.set_grad_enabled.__init__
+
+        def __init__(ctx, mode):  # set_grad_enabled switches when made, with or without a `with`
+            if not tracer.recording():
+                return init(ctx, mode)
+            ctx.prev, ctx.mode = torch.is_grad_enabled(), mode
+            ctx._qprep_previous = tracer.create_proxy("call_function", switch_grad_mode, (bool(mode),), {})
+            set_grad_enabled(mode)
+            return None
+
+        enter_with(torch.no_grad, False)
+        enter_with(torch.enable_grad, True)
+        patcher.patch_method(torch.set_grad_enabled, "__init__", __init__, deduplicate=False)
+        for cls in (torch.no_grad, torch.enable_grad, torch.set_grad_enabled):
+            restoring_exit(cls)
 
     def _module_setattr(self, original):
         """``self.x = <traced value>`` in a traced ``forward``: state the prepared graph cannot

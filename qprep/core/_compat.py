@@ -20,11 +20,21 @@ __all__ = [
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search", "set_grad_enabled", "has_forward_pre_hooks", "graph_module",
+    "autowrap_search", "set_grad_enabled", "switch_grad_mode", "has_forward_pre_hooks", "graph_module",
 ]
 
 #: What ``torch.no_grad()``/``enable_grad()``/``set_grad_enabled()`` call to switch grad mode.
 set_grad_enabled = torch._C._set_grad_enabled  # noqa: SLF001
+
+
+@torch.fx.node.has_side_effect
+def switch_grad_mode(mode: bool) -> bool:
+    """Switch grad mode and return the mode it replaced: what ``with torch.no_grad():`` in a
+    traced ``forward`` becomes, so that its exit restores the mode of the *call*, not the
+    mode at trace time."""
+    previous = torch.is_grad_enabled()
+    set_grad_enabled(mode)
+    return previous
 
 #: The function torch.fx records for ``assert x is None`` checks on concrete arguments.
 assert_is_none = torch.fx._symbolic_trace._assert_is_none  # noqa: SLF001

@@ -16,16 +16,21 @@ __all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_
 
 @contextlib.contextmanager
 def preserved_state(*modules: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit."""
+    """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit: its
+    value, and the tensor registered under its name (``self.ema = self.ema * 0.9 + ...`` in
+    a forward re-binds it)."""
     saved = []
     for module in modules:
-        for buf in module.buffers():
-            saved.append((buf, buf.detach().clone()))
+        for owner in module.modules():
+            for name, buf in owner._buffers.items():  # noqa: SLF001  (the registration, not a copy)
+                if buf is not None:
+                    saved.append((owner, name, buf, buf.detach().clone()))
     try:
         yield
     finally:
         with torch.no_grad():
-            for buf, value in saved:
+            for owner, name, buf, value in saved:
+                owner._buffers[name] = buf  # noqa: SLF001
                 buf.copy_(value)
 
 

@@ -4,8 +4,11 @@ readable failure reports (used by ``tests/test_fuzz.py`` and ``python -m tests.f
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import multiprocessing
+import os
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 from tests.fuzz.generator import UNTRACEABLE_FEATURES, Program, generate
 from tests.fuzz.oracle import EQUAL, FAILURE, INVALID, REFUSED, Outcome, check, minimize
 
-__all__ = ["Campaign", "run", "quiet", "report_failure", "is_failure"]
+__all__ = ["Campaign", "run", "quiet", "report_failure", "is_failure", "workers"]
 
 
 def is_failure(outcome: Outcome, known: Iterable[str] = ()) -> bool:
@@ -80,15 +83,35 @@ def quiet() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run(seeds: Iterable[int], directory: Path | str, exclude: Iterable[str] = (), known: Iterable[str] = ()) -> Campaign:
-    """Generate and check one program per seed."""
-    campaign = Campaign()
-    exclude, known = tuple(exclude), tuple(known)
-    start = time.perf_counter()
+def _check_all(seeds: list[int], directory: str, exclude: tuple[str, ...]) -> list[Outcome]:
     with quiet():
-        for seed in seeds:
-            program = generate(seed, exclude=exclude)
-            campaign.add(program, check(program, directory), known)
+        return [check(generate(seed, exclude=exclude), directory) for seed in seeds]
+
+
+def workers() -> int:
+    """Processes a campaign runs in: ``QPREP_FUZZ_WORKERS``, else one per core."""
+    return max(1, int(os.environ.get("QPREP_FUZZ_WORKERS", os.cpu_count() or 1)))
+
+
+def run(seeds: Iterable[int], directory: Path | str, exclude: Iterable[str] = (), known: Iterable[str] = (),
+        processes: int | None = None) -> Campaign:
+    """Generate and check one program per seed, in ``processes`` worker processes (default
+    :func:`workers`; one runs them here). Results are gathered in seed order."""
+    campaign = Campaign()
+    seeds, exclude, known = list(seeds), tuple(exclude), tuple(known)
+    processes = min(processes or workers(), max(1, len(seeds) // 50))
+    start = time.perf_counter()
+    if processes == 1:
+        outcomes = _check_all(seeds, str(directory), exclude)
+    else:  # interleaved shares (programs grow with the seed's features, not its value)
+        shares = [seeds[i::processes] for i in range(processes)]
+        context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start is unsafe
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+            done = list(pool.map(_check_all, shares, [str(directory)] * processes, [exclude] * processes))
+        by_seed = {seed: outcome for share, results in zip(shares, done) for seed, outcome in zip(share, results)}
+        outcomes = [by_seed[seed] for seed in seeds]
+    for seed, outcome in zip(seeds, outcomes):
+        campaign.add(generate(seed, exclude=exclude), outcome, known)
     campaign.seconds = time.perf_counter() - start
     return campaign
 
