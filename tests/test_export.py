@@ -16,6 +16,8 @@ import copy
 import functools
 import io
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,3 +239,32 @@ def test_onnx_export_matches_the_exported_original(name):
         _assert_equal(original, prepared, "ONNX Runtime: prepared vs original")
     # ONNX Runtime vs eager torch (measured at most 7.2e-7 on these models).
     torch.testing.assert_close(prepared, _run(model, x, name), **_F32)
+
+
+_LAZY_IMPORT_PROGRAM = r'''
+import sys
+import torch
+import torch.nn as nn
+import qprep
+
+assert "torch._dynamo" not in sys.modules
+skip = torch._disable_dynamo(lambda t: t)  # its first call imports torch._dynamo
+
+class Model(nn.Module):
+    def forward(self, x):
+        return skip(x) * torch.finfo(x.dtype).eps
+
+x = torch.randn(2, 3)
+gm = qprep.prepare(Model(), (x,))
+import torch._dynamo.utils
+assert all(isinstance(t, type) for t in torch._dynamo.utils.common_constant_types)
+assert torch.equal(torch.compile(gm, backend="eager")(x), gm(x))
+print("ok")
+'''
+
+
+def test_torch_modules_imported_during_a_trace_keep_torchs_own_functions():
+    # torch._dynamo, first imported while a trace had torch.finfo replaced, kept the stand-in
+    # in its table of constant types, and every later torch.compile in the process failed
+    result = subprocess.run([sys.executable, "-c", _LAZY_IMPORT_PROGRAM], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

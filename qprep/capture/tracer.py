@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import dis
 import functools
+import importlib
 import inspect
 import linecache
 import operator
@@ -82,6 +83,17 @@ _SKIP_FRAMES = (
     os.path.join(_TORCH_DIR, "utils", "_contextlib.py"),
 )
 _EXAMPLES = os.path.join(_QPREP_DIR, "examples.py")
+
+@functools.cache
+def _import_lazy_torch_modules() -> None:
+    """Import, before the first trace patches ``torch.ones``/``torch.finfo``/..., the torch
+    modules that torch imports lazily and that keep torch's functions and classes in tables
+    when they are imported: torch._dynamo (any ``torch._disable_dynamo`` function imports it on
+    its first call, e.g. a meta kernel that computes an example value). Imported during a
+    trace, it kept qprep's stand-in for ``torch.finfo`` as a type, and every later
+    ``torch.compile``/``torch.export`` in the process failed (seen on torch 2.13)."""
+    importlib.import_module("torch._dynamo")
+
 
 # Containers: never leaves.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -217,6 +229,7 @@ class QprepTracer(torch.fx.Tracer):
 
     # -- tracing -------------------------------------------------------------------------
     def trace(self, root, concrete_args=None) -> torch.fx.Graph:
+        _import_lazy_torch_modules()
         with _TRACE_LOCK, new_patcher() as patcher, mha_fastpath(False):
             # The math path of nn.MultiheadAttention / nn.Transformer* is traced (the fused
             # fast path is one opaque kernel); verification measures the difference to it.
