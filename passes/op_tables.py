@@ -9,7 +9,7 @@ import torch
 import torch.nn.utils.rnn as rnn_utils
 
 from qprep import modules as qm
-from qprep.core._compat import assert_is_none, set_grad_enabled, switch_grad_mode
+from qprep.core._compat import assert_is_none, enter_autocast, exit_autocast, set_grad_enabled, switch_grad_mode
 
 __all__ = ["FUNCTION_TABLE", "METHOD_TABLE", "DATA_MOVEMENT_METHODS", "DATA_MOVEMENT_FUNCTIONS"]
 
@@ -115,6 +115,7 @@ DATA_MOVEMENT_FUNCTIONS: frozenset = frozenset({
     torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand, torch.randn,
     torch.rand_like, torch.randn_like, torch.tensor, torch.as_tensor, torch.scalar_tensor,
     assert_is_none, set_grad_enabled, switch_grad_mode,  # a grad-mode switch (torch.no_grad() in forward) computes nothing
+    enter_autocast, exit_autocast,  # so does entering or leaving `with torch.autocast(...)`
     # packing and padding reorganise sequences: data movement
     rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence, rnn_utils.pack_sequence, rnn_utils.pad_sequence,
     rnn_utils.unpack_sequence, rnn_utils.unpad_sequence,

@@ -25,7 +25,7 @@ import torch.fx
 from ..core.guards import Guard, check_guard, is_guard
 from ..core.template import tree_any
 
-__all__ = ["GuardRecorder", "insert_guards", "guard_checks", "describe", "reads_metadata_only"]
+__all__ = ["GuardRecorder", "insert_guards", "guard_checks", "describe", "reads_metadata_only", "is_metadata_read"]
 
 # Ops that only read metadata: a guard built from them and the inputs can run first.
 _METADATA_METHODS = frozenset({
@@ -113,6 +113,15 @@ def _operand(node: Any, depth: int) -> str:
 def _slice_text(s: slice) -> str:
     parts = ["" if v is None else describe(v, 6) for v in (s.start, s.stop)]
     return ":".join(parts) + (f":{describe(s.step, 6)}" if s.step is not None else "")
+
+
+def is_metadata_read(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's metadata (``x.size(1)``, ``x.shape``, ``x.dtype``),
+    not its data."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target is builtins.getattr and len(node.args) > 1 \
+        and node.args[1] in _METADATA_ATTRS
 
 
 def reads_metadata_only(node: torch.fx.Node) -> bool:

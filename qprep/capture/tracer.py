@@ -48,7 +48,8 @@ import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
 from ..core._compat import (
-    graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled, switch_grad_mode, wrapped_function_registry,
+    enter_autocast, exit_autocast, graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled, switch_grad_mode,
+    wrapped_function_registry,
 )
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
@@ -60,7 +61,7 @@ from ..core.runtime import structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
-from .guards import GuardRecorder, describe, insert_guards, reads_metadata_only
+from .guards import GuardRecorder, describe, insert_guards, is_metadata_read, reads_metadata_only
 from .integrations import runtime_classes
 from .proxy import QprepProxy
 from .values import UNKNOWN, Values, value_of
@@ -202,6 +203,7 @@ class QprepTracer(torch.fx.Tracer):
         self.config = config or PrepareConfig()
         self.examples = examples
         self.notes: list[TraceNote] = []
+        self._cached: list[tuple[dict, str, Any]] = []  # attributes (or buffers) set to traced caches
         self.guards = GuardRecorder()
         self.values: Values | None = None
         self._leaf_types = tuple(t for t in self.config.leaf_modules if isinstance(t, type))
@@ -242,6 +244,7 @@ class QprepTracer(torch.fx.Tracer):
                     return super().trace(root, concrete_args)
             finally:
                 self._patcher = None
+                self._restore_cached()
 
     @contextlib.contextmanager
     def _runtime_construction(self) -> Iterator[None]:
@@ -290,7 +293,9 @@ class QprepTracer(torch.fx.Tracer):
         """``with torch.no_grad():`` / ``enable_grad()`` / ``set_grad_enabled(m)`` in a traced
         ``forward``: entering records :func:`switch_grad_mode`, which returns the mode of the
         call, and leaving restores that (not the mode the trace ran in, which a prepared model
-        called under ``torch.no_grad()`` would otherwise switch back on)."""
+        called under ``torch.no_grad()`` would otherwise switch back on). ``with
+        torch.autocast(...)`` is recorded as torch's own ``_enter_autocast``/``_exit_autocast``
+        calls (as torch.export records it), its arguments read from the example with guards."""
         tracer = self
 
         def enter_with(cls, mode):
@@ -329,6 +334,32 @@ class QprepTracer(torch.fx.Tracer):
             set_grad_enabled(mode)
             return None
 
+        autocast, autocast_init = torch.autocast, torch.autocast.__init__
+        autocast_enter, autocast_exit = torch.autocast.__enter__, torch.autocast.__exit__
+
+        def autocast_init_(ctx, device_type, dtype=None, enabled=True, cache_enabled=None):
+            # `torch.autocast(device_type=x.device.type)`: the example's values, with guards
+            values = [device_type, dtype, enabled, cache_enabled]
+            if tracer.recording():
+                values = [tracer.concrete(v, "value") if isinstance(v, torch.fx.Proxy) else v for v in values]
+                ctx._qprep_values = tuple(values)
+            return autocast_init(ctx, *values)
+
+        def autocast_enter_(ctx):
+            values = ctx.__dict__.get("_qprep_values")
+            if values is not None and tracer.recording():
+                ctx._qprep_mode = tracer.create_proxy("call_function", enter_autocast, values, {})
+            return autocast_enter(ctx)
+
+        def autocast_exit_(ctx, *exc_info):
+            mode = ctx.__dict__.pop("_qprep_mode", None)
+            if mode is not None and tracer.recording():
+                tracer.create_proxy("call_function", exit_autocast, (mode,), {})
+            return autocast_exit(ctx, *exc_info)
+
+        patcher.patch_method(autocast, "__init__", autocast_init_, deduplicate=False)
+        patcher.patch_method(autocast, "__enter__", autocast_enter_, deduplicate=False)
+        patcher.patch_method(autocast, "__exit__", autocast_exit_, deduplicate=False)
         enter_with(torch.no_grad, False)
         enter_with(torch.enable_grad, True)
         patcher.patch_method(torch.set_grad_enabled, "__init__", __init__, deduplicate=False)
@@ -346,6 +377,8 @@ class QprepTracer(torch.fx.Tracer):
             if isinstance(value, torch.fx.Proxy) and tracer.recording():
                 if tracer._updates_in_place(module, name, value):
                     return
+                if tracer._caches(module, name, value):
+                    return
                 raise ConcreteValueError(
                     f"forward assigns a traced value to {type(module).__name__}.{name}: a prepared graph "
                     f"holds no state between calls; update a buffer in place (self.{name}.copy_(...)) or keep "
@@ -353,6 +386,38 @@ class QprepTracer(torch.fx.Tracer):
             original(module, name, value)
 
         return setattr_
+
+    def _caches(self, module: nn.Module, name: str, value: torch.fx.Proxy) -> bool:
+        """``self.rel_indices = self.get_rel_indices(N)``: a plain attribute (or a buffer kept
+        out of the state_dict) set to a value
+        computed from nothing but the inputs' shapes and constants (no input data, no
+        Parameter or buffer, no random draw) is a cache of a pure function of what the
+        prepared graph has at every call, so the graph recomputes it instead. For the rest
+        of this trace the attribute is the traced value; the module gets its own back after."""
+        persistent = name in module._buffers and name not in module._non_persistent_buffers_set  # noqa: SLF001
+        if persistent or name in module._parameters or name in module._modules:  # noqa: SLF001
+            return False  # a persistent buffer's new value would be in the original's state_dict
+        if not _from_shapes_and_constants(value.node):
+            return False
+        where = module._buffers if name in module._buffers else vars(module)  # noqa: SLF001
+        self._cached.append((where, name, where.get(name, _MISSING)))
+        where[name] = value
+        path = self.path_of_module(module)
+        frame = _user_frame_here()
+        self.notes.append(TraceNote(
+            "", type(module).__name__,
+            f"self.{path + '.' if path else ''}{name} caches a value computed from input shapes and constants: "
+            "the prepared model recomputes it on every call",
+            location_text(*frame) if frame else ""))
+        return True
+
+    def _restore_cached(self) -> None:
+        while self._cached:
+            where, name, old = self._cached.pop()
+            if old is _MISSING:
+                where.pop(name, None)
+            else:
+                where[name] = old
 
     def _updates_in_place(self, module: nn.Module, name: str, value: torch.fx.Proxy) -> bool:
         node = value.node
@@ -827,6 +892,39 @@ _INPLACE_FUNCTIONS = frozenset({
     operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
     operator.irshift, operator.setitem,
 })
+
+
+_MISSING = object()
+_RANDOM_CALLS = frozenset(getattr(torch, name) for name in RANDOM_FACTORIES if hasattr(torch, name))
+_RANDOM_METHODS = frozenset({"uniform_", "normal_", "bernoulli", "bernoulli_", "random_", "exponential_",
+                             "geometric_", "cauchy_", "log_normal_", "multinomial"})
+
+
+def _from_shapes_and_constants(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value depends on nothing but the inputs' metadata and constants:
+    no input or attribute data (placeholders and get_attr are read only through their
+    metadata), no module call, no random draw."""
+    todo, seen = [node], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if is_metadata_read(current):
+            continue  # x.size(1), w.shape: not the data behind them
+        if current.op in ("placeholder", "get_attr", "call_module"):
+            return False
+        name = getattr(current.target, "__name__", "")
+        if current.op == "call_method" and current.target in _RANDOM_METHODS \
+                or current.target in _RANDOM_CALLS or "dropout" in name or "rrelu" in name:
+            return False
+        todo.extend(current.all_input_nodes)
+    return True
+
+
+def _user_frame_here() -> tuple[str, int] | None:
+    frames = _user_frames(2)
+    return (frames[-1][0], frames[-1][1]) if frames else None
 
 
 def _mutates_first_argument(node: torch.fx.Node) -> bool:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
 from ..core import meta
-from ..core._compat import ORIGINAL_MODULE_CALL, extract_tensor_metadata
+from ..core._compat import ORIGINAL_MODULE_CALL, enter_autocast, exit_autocast, extract_tensor_metadata
 from ..core.runtime import copy_object, plain_object
 from ..core.template import tree_any
 from .memo import current_results, function_key, method_key, module_key
@@ -217,6 +217,8 @@ class Values:
         return found[0] if found else None
 
     def _call_function(self, target: Callable, args: tuple, kwargs: dict) -> Any:
+        if target is enter_autocast or target is exit_autocast:
+            return None  # the trace enters and leaves the real `with torch.autocast(...)` itself
         if target is builtins.getattr and len(args) == 2 and isinstance(args[0], torch.Tensor) \
                 and args[1] in _DEVICE_ATTRIBUTES:  # the example's device, not the meta device
             return _DEVICE_ATTRIBUTES[args[1]](self.device(args[0]) if args[0].is_meta else args[0].device)

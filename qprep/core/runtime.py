@@ -18,13 +18,17 @@ __all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_
 def preserved_state(*modules: nn.Module) -> Iterator[None]:
     """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit: its
     value, and the tensor registered under its name (``self.ema = self.ema * 0.9 + ...`` in
-    a forward re-binds it)."""
+    a forward re-binds it); and the plain attributes a forward sets (``self.cache = ...``):
+    re-bound ones get their object back, new ones are removed. (The training flag is the
+    caller's to set.)"""
     saved = []
+    attributes = []
     for module in modules:
         for owner in module.modules():
             for name, buf in owner._buffers.items():  # noqa: SLF001  (the registration, not a copy)
                 if buf is not None:
                     saved.append((owner, name, buf, buf.detach().clone()))
+            attributes.append((owner, {k: v for k, v in vars(owner).items() if k != "training"}))
     try:
         yield
     finally:
@@ -32,8 +36,16 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
             for owner, name, buf, value in saved:
                 owner._buffers[name] = buf  # noqa: SLF001
                 buf.copy_(value)
+        for owner, before in attributes:
+            current = vars(owner)
+            for key in [k for k in current if k not in before and k != "training"]:
+                del current[key]
+            for key, value in before.items():
+                if current.get(key, _ABSENT) is not value:
+                    current[key] = value
 
 
+_ABSENT = object()
 _CONTAINERS = (dict, set)  # OrderedDict is a dict: _modules, _parameters, _buffers, every hook dict
 
 

@@ -427,3 +427,92 @@ def test_arguments_after_an_object_argument_are_keyword_only():
     assert torch.equal(fixed(x), model(x))
     with pytest.raises(qprep.GuardError, match="pass the arguments after it by keyword"):
         fixed(x, 1.0, _Settings())  # a positional call must not bind `y` one place off
+
+
+class _RelativeIndices(nn.Module):
+    """timm's ConViT: a buffer kept out of the state_dict re-made when the length changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rel", torch.zeros(1, 1), persistent=False)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        n = x.shape[1]
+        if self.rel.shape[1] != n:
+            self.rel = (torch.arange(n).view(1, -1) - torch.arange(n).view(-1, 1)).float().to(self.proj.weight.dtype)
+        return self.proj(x) + self.rel.sum(0).view(1, n, 1)
+
+
+class _PlainCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.positions = None
+
+    def forward(self, x):
+        if self.positions is None or len(self.positions) != x.size(1):
+            self.positions = torch.arange(x.size(1), dtype=x.dtype)
+        return x * self.positions.view(1, -1, 1)
+
+
+class _Accumulates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def forward(self, x):
+        self.last = x.mean()  # state from the data: not a cache
+        return x - self.last
+
+
+class _RandomCache(nn.Module):
+    def forward(self, x):
+        self.noise = torch.randn(x.size(1))  # a random draw kept between calls: not a cache
+        return x + self.noise
+
+
+@pytest.mark.parametrize("model", [_RelativeIndices(), _PlainCache()], ids=["buffer", "attribute"])
+def test_a_cache_of_shapes_and_constants_is_recomputed_on_every_call(model):
+    before = {k: v for k, v in vars(model).items() if k != "_buffers"}, dict(model._buffers)
+    gm = qprep.prepare(model, (torch.randn(2, 5, 4),))
+    assert ({k: v for k, v in vars(model).items() if k != "_buffers"}, dict(model._buffers)) == before
+    notes = gm.meta["qprep"]["preparation"].trace_notes
+    assert any("recomputes it on every call" in n.reason for n in notes), notes
+    for shape in ((2, 5, 4), (3, 7, 4), (1, 3, 4)):
+        x = torch.randn(shape)
+        assert qprep.verify(model, gm, (x,)).equal, shape
+    if isinstance(model, _RelativeIndices):  # length 1 keeps the size-1 buffer there: another path
+        with pytest.raises(GuardError, match="self.rel.shape"):
+            gm(torch.randn(1, 1, 4))
+
+
+@pytest.mark.parametrize("model", [_Accumulates(), _RandomCache()], ids=["data", "random"])
+def test_state_kept_between_calls_is_still_refused(model):
+    with pytest.raises(qprep.TraceError, match="assigns a traced value"):
+        qprep.prepare(model, (torch.randn(2, 5),))
+
+
+class _Autocast(nn.Module):
+    def __init__(self, enabled: bool):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.enabled = enabled
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.enabled):
+            y = self.fc(x)
+        return y * 2, y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_autocast_block_is_recorded_with_the_examples_device(enabled):
+    # timm's EfficientViT: `with torch.autocast(device_type=v.device.type, enabled=False)`
+    model = _Autocast(enabled)
+    x = torch.randn(3, 8)
+    gm = qprep.prepare(model, (x,))
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.amp.autocast_mode._enter_autocast in targets and torch.amp.autocast_mode._exit_autocast in targets
+    out, expected = gm(torch.randn(5, 8)), model(torch.randn(5, 8))
+    assert out[1] is expected[1] is enabled and out[0].dtype == expected[0].dtype
+    assert qprep.verify(model, gm, (torch.randn(5, 8),)).equal
+    assert not torch.is_autocast_enabled("cpu")
