@@ -123,6 +123,8 @@ class Values:
         # id(meta tensor) -> (the tensor, kept alive so that ids stay unique; the real device it stands for)
         self._devices: dict[int, tuple[torch.Tensor, torch.device]] = {}
         self._modules: dict[str, nn.Module] = {}  # call_module target -> module
+        #: id(0-d meta tensor made from Python numbers) -> (the tensor, its real twin on the CPU)
+        self._scalars: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.failures: dict[str, _Failure] = {}
         self.results = current_results()  # op results remembered (shared by the traces of one capture)
 
@@ -234,8 +236,63 @@ class Values:
             kwargs["device"] = _META
         tensors: list = []
         key = function_key(target, args, kwargs, tensors)
-        out = self.results.run(key, tensors, lambda: target(*args, **kwargs))
+        scalars = self._on_scalars(lambda a, k: target(*a, **k), args, kwargs, device)
+        if scalars is not _NO_SCALARS:
+            return scalars
+        out = self._retrying(lambda a, k: self.results.run(key, tensors, lambda: target(*a, **k)) if a is args
+                             else target(*a, **k), args, kwargs)
         return self._outputs(out, device or self._inputs_device(args, kwargs))
+
+    def _on_scalars(self, call: Callable[[tuple, dict], Any], args: tuple, kwargs: dict,
+                    device: torch.device | None) -> Any:
+        """An op on Python numbers and 0-d tensors of known value only (``torch.div(n, 4,
+        rounding_mode="floor") + 1``): run on real 0-d tensors, so its result's value is known
+        too (Python code may read it: ``x.new_zeros((b, chunks + 1))``). ``_NO_SCALARS`` for
+        any other op."""
+        found = []
+
+        def real(v):
+            if isinstance(v, torch.Tensor):
+                entry = self._scalars.get(id(v))
+                if entry is None or entry[0] is not v:
+                    raise _NotScalar
+                found.append(v)
+                return entry[1]
+            return v
+
+        try:
+            real_args, real_kwargs = map_aggregate(args, real), map_aggregate(kwargs, real)
+        except _NotScalar:
+            return _NO_SCALARS
+        if device is not None:
+            return _NO_SCALARS  # a factory on a requested device: not a CPU scalar
+        out = call(tuple(real_args), dict(real_kwargs))
+        value = out if isinstance(out, torch.Tensor) and not out.is_meta and out.dim() == 0 else None
+        out = self._outputs(out, self._inputs_device(args, kwargs) if found else None)
+        if value is not None:
+            self._scalars[id(out)] = (out, value)
+        return out
+
+    def _retrying(self, call: Callable[[tuple, dict], Any], args: tuple, kwargs: dict) -> Any:
+        """``call(args, kwargs)``; if it fails on a 0-d meta tensor whose value is known (made
+        from Python numbers: ``x.view(b, torch.div(n, 4, ...))`` reads it with ``.item()``),
+        once more with those values as Python numbers (and not remembered)."""
+        try:
+            return call(args, kwargs)
+        except RuntimeError:
+            known = [False]
+
+            def swap(v):
+                entry = self._scalars.get(id(v)) if isinstance(v, torch.Tensor) else None
+                if entry is not None and entry[0] is v:
+                    known[0] = True
+                    return entry[1].item()
+                return v
+
+            swapped_args, swapped_kwargs = map_aggregate(args, swap), map_aggregate(kwargs, swap)
+            if not known[0]:
+                raise
+            return call(tuple(swapped_args), dict(swapped_kwargs))
 
     def _call_method(self, name: str, args: tuple, kwargs: dict) -> Any:
         receiver = args[0]
@@ -246,9 +303,13 @@ class Values:
             return device.index if device.type != "cpu" else -1
         device = _requested_device(kwargs)
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
+        scalars = self._on_scalars(lambda a, k: getattr(a[0], name)(*a[1:], **k), args, kwargs, device)
+        if scalars is not _NO_SCALARS:
+            return scalars
         tensors: list = []
         key = method_key(name, args, kwargs, tensors)
-        out = self.results.run(key, tensors, lambda: getattr(args[0], name)(*args[1:], **kwargs))
+        out = self._retrying(lambda a, k: self.results.run(key, tensors, lambda: getattr(a[0], name)(*a[1:], **k))
+                             if a is args else getattr(a[0], name)(*a[1:], **k), args, kwargs)
         return self._outputs(out, device or self._inputs_device(args))
 
     def _move(self, t: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -394,6 +455,13 @@ class Values:
 
             map_aggregate(out, mark) if not isinstance(out, torch.Tensor) else mark(out)
         return out
+
+
+class _NotScalar(Exception):
+    """A tensor whose value is not known (see :meth:`Values._on_scalars`)."""
+
+
+_NO_SCALARS = object()
 
 
 class _NoValue(Exception):

@@ -36,7 +36,7 @@ class Input:
 
 
 def tree_any(value: Any, predicate) -> bool:
-    """Whether ``predicate`` holds for ``value`` or anything in its lists, tuples and dicts.
+    """Whether ``predicate`` holds for ``value`` or anything in its lists, tuples, dicts and slices.
 
     Reads without rebuilding: ``map_aggregate`` rebuilds each namedtuple, which a
     ``PackedSequence`` (whose constructor takes different arguments) does not survive."""
@@ -46,6 +46,8 @@ def tree_any(value: Any, predicate) -> bool:
         return any(tree_any(v, predicate) for v in value)
     if isinstance(value, dict):
         return any(tree_any(v, predicate) for v in value.values())
+    if isinstance(value, slice):  # x[:, :n] = v: a traced bound inside the key
+        return any(tree_any(v, predicate) for v in (value.start, value.stop, value.step))
     return False
 
 

@@ -44,7 +44,7 @@ def _plan(args: tuple | None, kwargs: dict) -> tuple[str, tuple]:
         return _NESTED, ()
     if args is None:
         return _DIRECT, ()
-    if any(isinstance(a, (list, tuple, dict)) and has_slot(a) for a in args):
+    if any(isinstance(a, (list, tuple, dict, slice)) and has_slot(a) for a in args):
         return _NESTED, ()
     slots = tuple((pos, a.index) for pos, a in enumerate(args) if isinstance(a, Input))
     if len(slots) == len(args) and all(pos == index for pos, index in slots):

@@ -516,3 +516,34 @@ def test_autocast_block_is_recorded_with_the_examples_device(enabled):
     assert out[1] is expected[1] is enabled and out[0].dtype == expected[0].dtype
     assert qprep.verify(model, gm, (torch.randn(5, 8),)).equal
     assert not torch.is_autocast_enabled("cpu")
+
+
+class _TensorArithmeticOnSizes(nn.Module):
+    """Longformer: sizes computed with torch.div, then used as view/new_zeros sizes."""
+
+    def forward(self, x):
+        chunks = torch.div(x.size(1), 4, rounding_mode="trunc")
+        padded = x.new_zeros((x.size(0), chunks + 1, 4))
+        padded[:, :chunks] = x.view(x.size(0), chunks, 4)
+        return padded * 2
+
+
+def test_sizes_computed_as_tensors_are_known_while_tracing():
+    model = _TensorArithmeticOnSizes()
+    gm = qprep.prepare(model, (torch.randn(2, 8),))
+    for shape in ((2, 8), (3, 12), (1, 4)):
+        x = torch.randn(shape)
+        assert qprep.verify(model, gm, (x,)).equal, shape
+
+
+class _SliceBoundFromShape(nn.Module):
+    def forward(self, x):
+        y = torch.zeros(x.size(0), x.size(1) + 2)
+        y[:, :x.size(1)] = x  # a traced bound inside a slice inside the key
+        return y
+
+
+def test_setitem_with_a_traced_slice_bound():
+    model = _SliceBoundFromShape()
+    gm = qprep.prepare(model, (torch.randn(2, 5),))
+    assert qprep.verify(model, gm, (torch.randn(3, 7),)).equal
