@@ -156,7 +156,7 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
         signatures = [[_call_signature(read, model, gm, with_concrete(model, examples[i], config.concrete_args))
                        for i in indices] for indices in captured.members]
         gm = VariantGraphModule(gm, graphs, [guard_checks(g) for g in graphs], list(labels or ("example 1",)),
-                                gm._get_name(), captured.mode, signatures)
+                                gm._get_name(), captured.mode, signatures, captured.mode_reason)
     restore_missing_state(work, gm)
     match_order(work, gm)
     match_persistence(work, gm)

@@ -16,7 +16,7 @@ import torch.fx
 import torch.nn as nn
 
 from ..core.config import PrepareConfig
-from ..core.errors import InputError
+from ..core.errors import InputError, TraceError
 from ..core.guards import Guard
 from ..core.provenance import module_scope
 from ..core.records import Change, TraceNote
@@ -46,6 +46,7 @@ class Capture:
     variants: tuple[str, ...] = ()  # one graph of several examples' traces: their labels, to split by
     mode: str | None = None  # "train"/"eval": made for this mode only (a mode-dependent forward's variants)
     members: tuple[tuple[int, ...], ...] = ()  # per variant, the indices of the examples it covers
+    mode_reason: str = ""  # why ``mode`` is set, when not for several examples
 
 
 def capture_all(model: nn.Module, config: PrepareConfig, examples: list[tuple]) -> Capture:
@@ -68,14 +69,17 @@ def capture_all(model: nn.Module, config: PrepareConfig, examples: list[tuple]) 
         for single, indices in zip(singles, members_before):
             _add(captures, members, single, indices)
     if len(captures) == 1:
-        return dataclasses.replace(captures[0], mode=mode) if mode else captures[0]
+        return dataclasses.replace(captures[0], mode=mode) if mode and not captures[0].mode else captures[0]
+    reason = next((c.mode_reason for c in captures if c.mode_reason), "")
+    if reason:  # one example's trace in the other mode failed: every variant is for this mode only
+        mode = "train" if model.training else "eval"
     labels = tuple(f"example {m[0] + 1} ({_shapes(examples[m[0]])})" for m in members)
     gm = union([c.graph_module for c in captures], labels)
     guards = _distinct(g for c in captures for g in c.guards)
     notes = _distinct(n for c in captures for n in c.notes)
     trace_notes = _distinct(n for c in captures for n in c.trace_notes)
     return Capture(gm, trace_notes, captures[0].fixed, notes, guards, False, labels, mode,
-                   tuple(tuple(m) for m in members))
+                   tuple(tuple(m) for m in members), reason)
 
 
 def _add(captures: list[Capture], members: list[list[int]], current: Capture, indices: list[int]) -> None:
@@ -138,10 +142,17 @@ def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Cap
     guards, dual = traced.guards, False
     if has_mode_sensitive_calls(gm) or may_depend_on_mode(model, leaf_types):
         examples = example_values(model, args) if args is not None else None
-        with _flipped_modes(model):
-            flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples,
-                            code_on_demand=True)  # compared, or merged into a new graph: never run
         mode = "train" if model.training else "eval"
+        try:
+            with _flipped_modes(model):
+                flipped = trace(model, dataclasses.replace(config, concrete_args=fixed or None), examples,
+                                code_on_demand=True)  # compared, or merged into a new graph: never run
+        except TraceError as exc:  # the other mode cannot be traced (a layerdrop's random draw): this one only
+            other = "eval" if mode == "train" else "train"
+            reason = f"{other} mode cannot be traced: {str(exc).splitlines()[0]}"
+            note = TraceNote("", type(model).__name__, f"prepared for {mode} mode only; {reason}", exc.location or "")
+            return Capture(gm, tuple(trace_notes) + (note,), fixed, tuple(notes), guards, False, mode=mode,
+                           mode_reason=reason)
         if same_structure(gm, flipped[0], _scope_mode(model)):
             notes += mark_training_dependence(gm, flipped[0], mode, _scope_mode(model))
         else:  # forward branches on self.training: one graph per mode, over the same modules

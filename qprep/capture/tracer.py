@@ -750,7 +750,7 @@ class QprepTracer(torch.fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if not self.recording():
             return forward(*args, **kwargs)
-        name = self.path_of_module(m)
+        name = self._installed_path(m)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
         self._shadow_len(getattr(type(m), "forward", None))
@@ -767,6 +767,31 @@ class QprepTracer(torch.fx.Tracer):
         except Exception as exc:  # noqa: BLE001  (any failure in user code is reported below)
             failure = exc
         return self._fallback(m, name, forward, args, kwargs, (mark, guards), stack, failure)
+
+    def _installed_path(self, m: nn.Module) -> str:
+        """``m``'s name in the model; for a module ``forward`` installed or made itself:
+        installed during the trace (BigBird's ``self.self = BigBirdSelfAttention(...)``), its
+        name now; made and called at once without state (Canine's ``nn.MaxPool1d(k)(x)``), a
+        new submodule of the traced model (the prepared model holds the same stateless module;
+        the model itself gets its submodules back after the trace)."""
+        try:
+            return self.path_of_module(m)
+        except NameError:
+            pass
+        for name, found in self.root.named_modules():
+            if found is m:
+                self.submodule_paths[m] = name
+                return name
+        if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+            raise NameError(f"{type(m).__name__}, made in forward with parameters or buffers, is not a submodule "
+                            "of the model: each call would make new ones")
+        name = f"made_in_forward_{type(m).__name__.lower()}"
+        taken = {n for n, _ in self.root.named_children()}
+        name = next(f"{name}_{i}" if i else name for i in range(len(taken) + 1)
+                    if (f"{name}_{i}" if i else name) not in taken)
+        self.root.add_module(name, m)
+        self.submodule_paths[m] = name
+        return name
 
     def _can_leaf(self, m: nn.Module) -> bool:
         return self.config.on_untraceable == "leaf" or self._tries_into(m)

@@ -18,9 +18,9 @@ __all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_
 def preserved_state(*modules: nn.Module) -> Iterator[None]:
     """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit: its
     value, and the tensor registered under its name (``self.ema = self.ema * 0.9 + ...`` in
-    a forward re-binds it); and the plain attributes a forward sets (``self.cache = ...``):
-    re-bound ones get their object back, new ones are removed. (The training flag is the
-    caller's to set.)"""
+    a forward re-binds it); the plain attributes a forward sets (``self.cache = ...``):
+    re-bound ones get their object back, new ones are removed; and the submodules a forward
+    swaps. (The training flag is the caller's to set.)"""
     saved = []
     attributes = []
     for module in modules:
@@ -28,7 +28,8 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
             for name, buf in owner._buffers.items():  # noqa: SLF001  (the registration, not a copy)
                 if buf is not None:
                     saved.append((owner, name, buf, buf.detach().clone()))
-            attributes.append((owner, {k: v for k, v in vars(owner).items() if k != "training"}))
+            attributes.append((owner, {k: v for k, v in vars(owner).items() if k != "training"},
+                               dict(owner._modules)))  # noqa: SLF001
     try:
         yield
     finally:
@@ -36,7 +37,10 @@ def preserved_state(*modules: nn.Module) -> Iterator[None]:
             for owner, name, buf, value in saved:
                 owner._buffers[name] = buf  # noqa: SLF001
                 buf.copy_(value)
-        for owner, before in attributes:
+        for owner, before, children in attributes:
+            if owner._modules != children:  # noqa: SLF001  (forward swapped a submodule: BigBird)
+                owner._modules.clear()  # noqa: SLF001
+                owner._modules.update(children)  # noqa: SLF001
             current = vars(owner)
             for key in [k for k in current if k not in before and k != "training"]:
                 del current[key]

@@ -80,11 +80,12 @@ class VariantGraphModule(torch.fx.GraphModule):
             dict of parameter name to signature, for each example it covers).
         mode: ``"train"``/``"eval"``: the graphs were made for this mode only (the forward
             takes another path in the other mode): a call in the other mode is refused.
+        mode_reason: why (the default: several examples, each with a path per mode).
     """
 
     def __init__(self, root: nn.Module, graphs: list[torch.fx.Graph], checks: list[torch.fx.Graph],
                  examples: list[str], class_name: str = "GraphModule", mode: str | None = None,
-                 signatures: list[list[dict]] | None = None):
+                 signatures: list[list[dict]] | None = None, mode_reason: str = ""):
         super().__init__(root, graphs[0], class_name)
         for graph in graphs:
             for node in graph.nodes:
@@ -94,6 +95,7 @@ class VariantGraphModule(torch.fx.GraphModule):
         self.variant_checks = list(checks)
         self.variant_examples = list(examples)
         self.variant_mode = mode
+        self.variant_mode_reason = mode_reason
         self.variant_signatures = signatures or [[] for _ in graphs]
         self._compile_variants()
 
@@ -102,14 +104,15 @@ class VariantGraphModule(torch.fx.GraphModule):
         checks = [_compiled(g) for g in self.variant_checks]
         examples = self.variant_examples
         mode = self.variant_mode
+        why = self.variant_mode_reason or ("its forward takes another path in the other mode, and it was prepared for "
+                                          "several example inputs")
         signatures = self.variant_signatures
         order = list(range(len(forwards)))
         call_signature = signature_reader(self.variant_graphs[0])
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             if mode is not None and ("train" if self.training else "eval") != mode:
-                raise GuardError(f"this model was prepared in {mode} mode only (its forward takes another path in "
-                                 f"the other mode, and it was prepared for several example inputs): call it in "
+                raise GuardError(f"this model was prepared in {mode} mode only ({why}): call it in "
                                  f"{mode} mode, or prepare it again in the other", expression="self.training",
                                  expected=mode == "train", actual=self.training)
             reasons = []
@@ -145,18 +148,19 @@ class VariantGraphModule(torch.fx.GraphModule):
             state = fake_mod.__dict__
             VariantGraphModule.__init__(res, fake_mod, state["variant_graphs"], state["variant_checks"],
                                         state["variant_examples"], self._get_name(), state.get("variant_mode"),
-                                        state.get("variant_signatures"))
+                                        state.get("variant_signatures"), state.get("variant_mode_reason", ""))
 
         return init
 
     def __reduce__(self):
         parts = [torch.fx.GraphModule(self, graph, self._get_name()) for graph in self.variant_graphs]
         return (_rebuild, (parts, self.variant_checks, self.variant_examples, self.training, self._get_name(),
-                           dict(self.meta), self.variant_mode, self.variant_signatures))
+                           dict(self.meta), self.variant_mode, self.variant_signatures, self.variant_mode_reason))
 
 
 def _rebuild(parts: list[torch.fx.GraphModule], checks: list, examples: list, training: bool, class_name: str,
-             meta: dict, mode: str | None = None, signatures: list | None = None) -> VariantGraphModule:
+             meta: dict, mode: str | None = None, signatures: list | None = None,
+             mode_reason: str = "") -> VariantGraphModule:
     """Unpickle a :class:`VariantGraphModule` from its single-variant GraphModules, which
     share their modules and tensors (pickle keeps one copy of each)."""
     root = nn.Module()
@@ -164,7 +168,8 @@ def _rebuild(parts: list[torch.fx.GraphModule], checks: list, examples: list, tr
         for node in module.graph.nodes:
             if node.op in ("get_attr", "call_module"):
                 _copy_attr(module, root, node.target)
-    gm = VariantGraphModule(root, [p.graph for p in parts], checks, examples, class_name, mode, signatures)
+    gm = VariantGraphModule(root, [p.graph for p in parts], checks, examples, class_name, mode, signatures,
+                            mode_reason)
     gm.train(training)
     gm.meta.update(meta)
     return gm

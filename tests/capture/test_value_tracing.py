@@ -5,6 +5,7 @@ the inputs its specialisation does not cover."""
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import threading
 
@@ -547,3 +548,76 @@ def test_setitem_with_a_traced_slice_bound():
     model = _SliceBoundFromShape()
     gm = qprep.prepare(model, (torch.randn(2, 5),))
     assert qprep.verify(model, gm, (torch.randn(3, 7),)).equal
+
+
+class _LayerDrop(nn.Module):
+    """fairseq/Hugging Face LayerDrop: in train mode a random draw decides whether a layer runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.training and torch.rand([]) < 0.1:
+                continue
+            x = layer(x)
+        return x
+
+
+def test_a_mode_that_cannot_be_traced_is_refused_and_the_other_prepared():
+    model = _LayerDrop().eval()
+    x = torch.randn(2, 4)
+    gm = qprep.prepare(model, (x,))
+    notes = gm.meta["qprep"]["preparation"].trace_notes
+    assert any("eval mode only" in n.reason and "train mode cannot be traced" in n.reason for n in notes), notes
+    for copy_ in (gm, copy.deepcopy(gm)):
+        assert torch.equal(copy_(x), model(x))
+        copy_.train()
+        with pytest.raises(GuardError, match=r"eval mode only \(train mode cannot be traced: .*torch.rand|rand\("):
+            copy_(x)
+
+
+class _MadeInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        pooled = nn.MaxPool1d(kernel_size=2, stride=2)(self.fc(x).unsqueeze(1))  # Canine
+        return pooled.squeeze(1) * 2
+
+
+class _InstallsInForward(nn.Module):
+    """BigBird: forward swaps in another attention module at short sequence lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Identity()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if isinstance(self.inner, nn.Identity):
+            self.inner = nn.Tanh()
+        return self.inner(self.fc(x))
+
+
+@pytest.mark.parametrize("model_type", [_MadeInForward, _InstallsInForward])
+def test_modules_made_or_installed_by_forward(model_type):
+    model = model_type()
+    x = torch.randn(2, 8)
+    children = dict(model.named_children())
+    gm = qprep.prepare(model, (x,))
+    assert dict(model.named_children()) == children  # the user's model is as it was
+    assert qprep.verify(model, gm, (torch.randn(3, 8),)).equal
+    assert compute_ops_outside_modules(gm) == []
+
+
+class _ParametersMadeInForward(nn.Module):
+    def forward(self, x):
+        return nn.Linear(4, 4)(x)  # new random weights on every call
+
+
+def test_a_module_with_parameters_made_in_forward_is_refused():
+    with pytest.raises(qprep.TraceError, match="made in forward with parameters"):
+        qprep.prepare(_ParametersMadeInForward(), (torch.randn(2, 4),))
