@@ -38,6 +38,7 @@ than ``stack_trace`` and ``gm.meta`` are not stored (``torch.save`` drops them t
 from __future__ import annotations
 
 import builtins
+import collections
 import io
 import json
 import math
@@ -139,7 +140,8 @@ def _submodule_classes(package: types.ModuleType, base: type) -> list[type]:
 def _allowed_classes() -> dict[str, type]:
     torch_nn = _submodule_classes(torch.nn.modules, nn.Module)
     ours = _submodule_classes(qmodules, nn.Module)
-    plain = [int, float, bool, str, bytes, complex, list, tuple, dict, set, frozenset, slice, type(None), object,
+    plain = [int, float, bool, str, bytes, complex, list, tuple, dict, collections.OrderedDict, set, frozenset, slice,
+             type(None), object,
              torch.Tensor, torch.Size, torch.dtype, torch.device, nn.Parameter, torch.nn.utils.rnn.PackedSequence]
     return _by_name({*torch_nn, *ours, nn.Module, *plain}, _class_name)
 
@@ -154,7 +156,8 @@ def _allowed_functions() -> dict[str, Callable]:
     fns |= {getattr(torch, name) for name in FACTORIES + RANDOM_FACTORIES if hasattr(torch, name)}
     fns |= {builtins.getattr, builtins.len, builtins.round, math.ceil, math.floor, math.trunc, assert_is_none,
             check_guard}
-    return _by_name({fn for fn in fns if not isinstance(fn, type)}, _function_name)
+    # classes called to build an output container: OrderedDict (torchvision's segmentation models)
+    return _by_name({fn for fn in fns if not isinstance(fn, type)} | {collections.OrderedDict}, _function_name)
 
 
 #: Dunder Tensor methods the tables name (``x.__add__(y)``); other dunders are refused.

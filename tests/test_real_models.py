@@ -49,3 +49,14 @@ def test_stochastic_depth_follows_train_mode_after_preparation():
     assert qprep.verify(model, gm, torch.randn(2, 3, 64, 64), train=False).equal
     result = qprep.verify(model, gm, torch.randn(2, 3, 64, 64), train=True)
     assert result.equal, result.table()
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"])
+def test_torchvision_segmentation_keeps_its_ordered_dict(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=3).eval()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 64, 64),))  # OrderedDict({"out": ...}) came back a dict
+    x = torch.randn(2, 3, 96, 96)
+    assert type(gm(x)) is type(model(x))
+    result = qprep.verify(model, gm, x)
+    assert result.equal, result.table()

@@ -27,6 +27,7 @@ Differences from ``torch.fx.symbolic_trace``:
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import dataclasses
 import dis
@@ -612,6 +613,8 @@ class QprepTracer(torch.fx.Tracer):
         if isinstance(a, dict) and hasattr(a, "to_tuple") and type(a) is not dict:  # a Hugging Face ModelOutput
             fields = {k: self.create_arg(v) for k, v in a.items()}
             return self.create_node("call_function", type(a), (), fields)
+        if type(a) is collections.OrderedDict:  # torchvision's segmentation models return one
+            return self.create_node("call_function", collections.OrderedDict, (self.create_arg(dict(a)),), {})
         if dataclasses.is_dataclass(a) and not isinstance(a, type) and not tree_any(
                 [getattr(a, f.name, None) for f in dataclasses.fields(a)], _is_proxy):
             return self._constant(a)  # a config object passed along: a constant, not rebuilt per call

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_packed_sequence
 
 import qprep
+from qprep import serialize
 from qprep.core import meta
 from qprep.core.dual import DualGraphModule
 from qprep.core.errors import GuardError
@@ -621,3 +622,20 @@ class _ParametersMadeInForward(nn.Module):
 def test_a_module_with_parameters_made_in_forward_is_refused():
     with pytest.raises(qprep.TraceError, match="made in forward with parameters"):
         qprep.prepare(_ParametersMadeInForward(), (torch.randn(2, 4),))
+
+
+class _OrderedOutputs(nn.Module):
+    def forward(self, x):
+        result = collections.OrderedDict()
+        result["out"] = x * 2
+        result["aux"] = x + 1
+        return result
+
+
+def test_an_ordered_dict_output_stays_one(tmp_path):
+    model = _OrderedOutputs()
+    x = torch.randn(2, 3)
+    gm = qprep.prepare(model, (x,))  # verify compares container types: a dict would fail
+    serialize.save(gm, tmp_path / "m.qprep")
+    loaded = serialize.load(tmp_path / "m.qprep")
+    assert type(gm(x)) is type(loaded(x)) is collections.OrderedDict
