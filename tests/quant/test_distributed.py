@@ -205,3 +205,57 @@ def test_fsdp2_per_layer_sharding_needs_the_layers_own_forward(tmp_path):
     # a whole-model GraphModule calls the layers' leaves directly: FSDP2's per-layer hooks never run
     results = _spawn(_fsdp_worker, tmp_path, 1, ("whole",))
     assert "mixed torch.Tensor and DTensor" in results["whole"]["error"]
+
+
+def _fsdp_llama_worker(rank, world, port, out, steps):
+    from torch.distributed.fsdp import fully_shard
+
+    import qprep.hf
+    from tests.hf_models import build
+
+    _init(rank, world, port)
+    try:
+        results = {}
+        for mode in ("original", "per_layer"):
+            model = build("llama").train()
+            model.config.use_cache = False
+            if mode == "per_layer":  # each decoder layer prepared on the calls one forward makes
+                ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+                for i, layer in enumerate(model.model.layers):
+                    calls = qprep.hf.record_calls(model, layer, lambda: model(ids, use_cache=False))
+                    model.model.layers[i] = qprep.prepare(layer, calls[0])
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            losses = []
+            tokens = torch.randint(3, 128, (4, 9), generator=torch.Generator().manual_seed(100 + rank))
+            for _ in range(steps):
+                loss = model(tokens, labels=tokens, use_cache=False).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            results[mode] = {"losses": losses, "sharded": type(next(model.parameters())).__name__,
+                             "state": {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()},
+                             "prepared": [isinstance(m, torch.fx.GraphModule) for m in model.model.layers]}
+            dist.barrier()
+        if rank == 0:
+            torch.save(results, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_shards_the_prepared_decoder_layers_of_a_llama(tmp_path):
+    pytest.importorskip("transformers")
+    results = _spawn(_fsdp_llama_worker, tmp_path, 5)
+    original, per_layer = results["original"], results["per_layer"]
+    assert per_layer["sharded"] == "DTensor" and per_layer["prepared"] == [True, True]
+    assert original["prepared"] == [False, False]
+    assert per_layer["losses"][-1] < per_layer["losses"][0]
+    # SDPA's default CPU kernel vs the modular math kernel: equal to float rounding
+    assert torch.allclose(torch.tensor(original["losses"]), torch.tensor(per_layer["losses"]), atol=1e-5)
+    assert set(original["state"]) == set(per_layer["state"])
+    for key, value in original["state"].items():
+        assert torch.allclose(value, per_layer["state"][key], atol=1e-5), key
