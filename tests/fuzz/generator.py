@@ -1376,7 +1376,10 @@ class _Builder:
             ])
         elif kind == "setitem":
             forms = [(f"{t} = {v}.clone()", f"{t}[:, 0] = 0.0"), (f"{t} = {v}.clone()", f"{t}[{t} > 0.5] = 0.5"),
-                     (f"{t} = {v}.clone()", f"mask = {v} > 0", f"{t}[mask] = {v}[mask] * 2.0")]
+                     (f"{t} = {v}.clone()", f"mask = {v} > 0", f"{t}[mask] = {v}[mask] * 2.0"),
+                     # bounds read from a shape, inside a slice of the key
+                     (f"{t} = {v}.clone()", f"{t}[:, :{v}.size(1) // 2] = 0.0"),
+                     (f"{t} = {v}.clone()", f"{t}[..., {v}.shape[-1] - 1:] *= 2.0")]
             if self.writable(v):
                 forms += [(f"{v}[:, 0] = 1.0", f"{t} = {v}"), (f"{v}[:, :1] += 1.0", f"{t} = {v}")]
             lines = self.choice(forms)
