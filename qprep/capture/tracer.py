@@ -506,8 +506,9 @@ class QprepTracer(torch.fx.Tracer):
         return wrapper
 
     def _shadow_len(self, fn) -> None:
-        """``len(x)`` of a traced value in ``fn``'s module stays symbolic: ``len`` is shadowed
-        in that module's globals for this trace."""
+        """``len(x)`` of a traced value in ``fn``'s module stays symbolic, and ``isinstance(x,
+        ...)`` gives the example's answer with a guard: both are shadowed in that module's
+        globals for this trace."""
         namespace = getattr(fn, "__globals__", None)
         if self._patcher is None or namespace is None or not self._patcher.visit_once(namespace):
             return
@@ -518,6 +519,23 @@ class QprepTracer(torch.fx.Tracer):
             return builtins.len(obj)
 
         self._patcher.patch(namespace, "len", traced_len)
+
+        def traced_isinstance(obj, classinfo):
+            # `isinstance(x, torch.Tensor)` of a traced value: the example's answer (a Proxy is no
+            # Tensor, so the trace took the other branch before). Only an input's type can differ
+            # between calls (the graph fixes the rest): `isinstance(input, torch.Tensor)` is guarded.
+            if not (isinstance(obj, torch.fx.Proxy) and self.recording()):
+                return builtins.isinstance(obj, classinfo)
+            value = value_of(obj.node)
+            if value is UNKNOWN:
+                return builtins.isinstance(obj, classinfo)
+            answer = builtins.isinstance(value, classinfo)
+            if obj.node.op == "placeholder" and classinfo is torch.Tensor:
+                location, code = _here(1)
+                self.guards.record(obj.node, "is_tensor", answer, location, code)
+            return answer
+
+        self._patcher.patch(namespace, "isinstance", traced_isinstance)
 
     # -- the root's arguments -------------------------------------------------------------
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):

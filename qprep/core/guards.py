@@ -29,6 +29,7 @@ CONVERSIONS = {
     "len": len,
     "keys": lambda value: tuple(value.keys()),
     "is_none": lambda value: value is None,
+    "is_tensor": lambda value: isinstance(value, torch.Tensor),
     "value": lambda value: value,  # an argument fixed at trace time (use_cache=True)
 }
 
@@ -57,7 +58,8 @@ class Guard:
     def text(self) -> str:
         shown = {"bool": f"{self.expression} is {self.expected}", "len": f"len({self.expression}) == {self.expected!r}",
                  "keys": f"{self.expression}.keys() == {self.expected!r}",
-                 "is_none": f"{self.expression} is {'None' if self.expected else 'not None'}"}
+                 "is_none": f"{self.expression} is {'None' if self.expected else 'not None'}",
+                 "is_tensor": f"isinstance({self.expression}, torch.Tensor) is {self.expected}"}
         return shown.get(self.how, f"{self.expression} == {self.expected!r}")
 
     def as_dict(self) -> dict:
@@ -73,7 +75,8 @@ def check_guard(value: Any, expected: Any, how: str, expression: str, location: 
     if type(actual) is type(expected) and actual == expected:
         return
     where = f" (needed at {location})" if location else ""
-    shown = {"len": f"len({expression})", "keys": f"{expression}.keys()", "is_none": f"{expression} is None"}
+    shown = {"len": f"len({expression})", "keys": f"{expression}.keys()", "is_none": f"{expression} is None",
+             "is_tensor": f"isinstance({expression}, torch.Tensor)"}
     raise GuardError(
         f"this call does not match the prepared model's specialisation: `{shown.get(how, expression)}` gave "
         f"{actual!r}, the model was prepared for {expected!r}{where}. Prepare it with example inputs like this "

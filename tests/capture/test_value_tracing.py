@@ -639,3 +639,24 @@ def test_an_ordered_dict_output_stays_one(tmp_path):
     serialize.save(gm, tmp_path / "m.qprep")
     loaded = serialize.load(tmp_path / "m.qprep")
     assert type(gm(x)) is type(loaded(x)) is collections.OrderedDict
+
+
+class _TensorOrNot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor):  # a Proxy is no Tensor: the trace took the other branch
+            return self.fc(x)
+        return torch.stack(list(x)).sum(0)
+
+
+def test_isinstance_of_a_traced_value_is_the_examples_answer_and_guarded_on_inputs():
+    model = _TensorOrNot()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert qprep.verify(model, gm, (torch.randn(3, 4),)).equal
+    guard = next(g for g in gm.meta["qprep"]["preparation"].guards if g.how == "is_tensor")
+    assert guard.text() == "isinstance(x, torch.Tensor) is True" and guard.inputs_only
+    with pytest.raises(GuardError, match=r"isinstance\(x, torch.Tensor\)"):
+        gm([torch.randn(4), torch.randn(4)])
