@@ -114,8 +114,8 @@ DATA_MOVEMENT_FUNCTIONS: frozenset = frozenset({
     torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.linspace, torch.eye,
     torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand, torch.randn,
     torch.rand_like, torch.randn_like, torch.tensor, torch.as_tensor, torch.scalar_tensor,
-    assert_is_none, set_grad_enabled, switch_grad_mode,  # a grad-mode switch (torch.no_grad() in forward) computes nothing
-    enter_autocast, exit_autocast,  # so does entering or leaving `with torch.autocast(...)`
+    # a grad-mode switch (torch.no_grad() in forward), entering or leaving autocast: they compute nothing
+    assert_is_none, set_grad_enabled, switch_grad_mode, enter_autocast, exit_autocast,
     # packing and padding reorganise sequences: data movement
     rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence, rnn_utils.pack_sequence, rnn_utils.pad_sequence,
     rnn_utils.unpack_sequence, rnn_utils.unpad_sequence,

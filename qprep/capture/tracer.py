@@ -49,8 +49,8 @@ import torch.nn.utils.rnn as rnn_utils
 
 from ..core import meta
 from ..core._compat import (
-    enter_autocast, exit_autocast, graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled, switch_grad_mode,
-    wrapped_function_registry,
+    enter_autocast, exit_autocast, graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled,
+    switch_grad_mode, wrapped_function_registry,
 )
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
@@ -279,6 +279,7 @@ class QprepTracer(torch.fx.Tracer):
             patcher.patch(rnn_utils.__dict__, fn.__name__, self._recorded(fn, always=False))
         patcher.patch(torch._C.__dict__, "_set_grad_enabled", self._grad_mode(set_grad_enabled))  # noqa: SLF001
         self._install_grad_scopes(patcher)
+        self._install_autocast(patcher)
 
     def _grad_mode(self, original):
         """``with torch.no_grad():`` in a traced ``forward`` switches grad mode when the
@@ -294,9 +295,7 @@ class QprepTracer(torch.fx.Tracer):
         """``with torch.no_grad():`` / ``enable_grad()`` / ``set_grad_enabled(m)`` in a traced
         ``forward``: entering records :func:`switch_grad_mode`, which returns the mode of the
         call, and leaving restores that (not the mode the trace ran in, which a prepared model
-        called under ``torch.no_grad()`` would otherwise switch back on). ``with
-        torch.autocast(...)`` is recorded as torch's own ``_enter_autocast``/``_exit_autocast``
-        calls (as torch.export records it), its arguments read from the example with guards."""
+        called under ``torch.no_grad()`` would otherwise switch back on)."""
         tracer = self
 
         def enter_with(cls, mode):
@@ -335,6 +334,17 @@ class QprepTracer(torch.fx.Tracer):
             set_grad_enabled(mode)
             return None
 
+        enter_with(torch.no_grad, False)
+        enter_with(torch.enable_grad, True)
+        patcher.patch_method(torch.set_grad_enabled, "__init__", __init__, deduplicate=False)
+        for cls in (torch.no_grad, torch.enable_grad, torch.set_grad_enabled):
+            restoring_exit(cls)
+
+    def _install_autocast(self, patcher) -> None:
+        """``with torch.autocast(...)`` in a traced ``forward`` is recorded as torch's own
+        ``_enter_autocast``/``_exit_autocast`` calls (as torch.export records it), its
+        arguments read from the example with guards."""
+        tracer = self
         autocast, autocast_init = torch.autocast, torch.autocast.__init__
         autocast_enter, autocast_exit = torch.autocast.__enter__, torch.autocast.__exit__
 
@@ -361,11 +371,6 @@ class QprepTracer(torch.fx.Tracer):
         patcher.patch_method(autocast, "__init__", autocast_init_, deduplicate=False)
         patcher.patch_method(autocast, "__enter__", autocast_enter_, deduplicate=False)
         patcher.patch_method(autocast, "__exit__", autocast_exit_, deduplicate=False)
-        enter_with(torch.no_grad, False)
-        enter_with(torch.enable_grad, True)
-        patcher.patch_method(torch.set_grad_enabled, "__init__", __init__, deduplicate=False)
-        for cls in (torch.no_grad, torch.enable_grad, torch.set_grad_enabled):
-            restoring_exit(cls)
 
     def _module_setattr(self, original):
         """``self.x = <traced value>`` in a traced ``forward``: state the prepared graph cannot
@@ -404,12 +409,10 @@ class QprepTracer(torch.fx.Tracer):
         self._cached.append((where, name, where.get(name, _MISSING)))
         where[name] = value
         path = self.path_of_module(module)
-        frame = _user_frame_here()
         self.notes.append(TraceNote(
             "", type(module).__name__,
             f"self.{path + '.' if path else ''}{name} caches a value computed from input shapes and constants: "
-            "the prepared model recomputes it on every call",
-            location_text(*frame) if frame else ""))
+            "the prepared model recomputes it on every call", _here(1)[0]))
         return True
 
     def _restore_cached(self) -> None:
@@ -806,10 +809,11 @@ class QprepTracer(torch.fx.Tracer):
         if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
             raise NameError(f"{type(m).__name__}, made in forward with parameters or buffers, is not a submodule "
                             "of the model: each call would make new ones")
-        name = f"made_in_forward_{type(m).__name__.lower()}"
-        taken = {n for n, _ in self.root.named_children()}
-        name = next(f"{name}_{i}" if i else name for i in range(len(taken) + 1)
-                    if (f"{name}_{i}" if i else name) not in taken)
+        base = name = f"made_in_forward_{type(m).__name__.lower()}"
+        taken, count = {n for n, _ in self.root.named_children()}, 0
+        while name in taken:  # a second call site: made_in_forward_maxpool1d_1
+            count += 1
+            name = f"{base}_{count}"
         self.root.add_module(name, m)
         self.submodule_paths[m] = name
         return name
@@ -966,11 +970,6 @@ def _from_shapes_and_constants(node: torch.fx.Node) -> bool:
             return False
         todo.extend(current.all_input_nodes)
     return True
-
-
-def _user_frame_here() -> tuple[str, int] | None:
-    frames = _user_frames(2)
-    return (frames[-1][0], frames[-1][1]) if frames else None
 
 
 def _mutates_first_argument(node: torch.fx.Node) -> bool:

@@ -234,13 +234,13 @@ class Values:
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
         if device is not None and "device" not in kwargs:
             kwargs["device"] = _META
-        tensors: list = []
-        key = function_key(target, args, kwargs, tensors)
         scalars = self._on_scalars(lambda a, k: target(*a, **k), args, kwargs, device)
         if scalars is not _NO_SCALARS:
             return scalars
-        out = self._retrying(lambda a, k: self.results.run(key, tensors, lambda: target(*a, **k)) if a is args
-                             else target(*a, **k), args, kwargs)
+        tensors: list = []
+        key = function_key(target, args, kwargs, tensors)
+        out = self._retrying(lambda: self.results.run(key, tensors, lambda: target(*args, **kwargs)),
+                             lambda a, k: target(*a, **k), args, kwargs)
         return self._outputs(out, device or self._inputs_device(args, kwargs))
 
     def _on_scalars(self, call: Callable[[tuple, dict], Any], args: tuple, kwargs: dict,
@@ -249,6 +249,8 @@ class Values:
         rounding_mode="floor") + 1``): run on real 0-d tensors, so its result's value is known
         too (Python code may read it: ``x.new_zeros((b, chunks + 1))``). ``_NO_SCALARS`` for
         any other op."""
+        if device is not None:
+            return _NO_SCALARS  # a factory on a requested device: not a CPU scalar
         found = []
 
         def real(v):
@@ -264,8 +266,6 @@ class Values:
             real_args, real_kwargs = map_aggregate(args, real), map_aggregate(kwargs, real)
         except _NotScalar:
             return _NO_SCALARS
-        if device is not None:
-            return _NO_SCALARS  # a factory on a requested device: not a CPU scalar
         out = call(tuple(real_args), dict(real_kwargs))
         value = out if isinstance(out, torch.Tensor) and not out.is_meta and out.dim() == 0 else None
         out = self._outputs(out, self._inputs_device(args, kwargs) if found else None)
@@ -273,12 +273,13 @@ class Values:
             self._scalars[id(out)] = (out, value)
         return out
 
-    def _retrying(self, call: Callable[[tuple, dict], Any], args: tuple, kwargs: dict) -> Any:
-        """``call(args, kwargs)``; if it fails on a 0-d meta tensor whose value is known (made
-        from Python numbers: ``x.view(b, torch.div(n, 4, ...))`` reads it with ``.item()``),
-        once more with those values as Python numbers (and not remembered)."""
+    def _retrying(self, first: Callable[[], Any], call: Callable[[tuple, dict], Any], args: tuple,
+                  kwargs: dict) -> Any:
+        """``first()`` (the op on ``args``, remembered); if it fails on a 0-d meta tensor whose
+        value is known (made from Python numbers: ``x.view(b, torch.div(n, 4, ...))`` reads it
+        with ``.item()``), ``call`` with those values as Python numbers (not remembered)."""
         try:
-            return call(args, kwargs)
+            return first()
         except RuntimeError:
             known = [False]
 
@@ -308,8 +309,8 @@ class Values:
             return scalars
         tensors: list = []
         key = method_key(name, args, kwargs, tensors)
-        out = self._retrying(lambda a, k: self.results.run(key, tensors, lambda: getattr(a[0], name)(*a[1:], **k))
-                             if a is args else getattr(a[0], name)(*a[1:], **k), args, kwargs)
+        method = lambda a, k: getattr(a[0], name)(*a[1:], **k)  # noqa: E731
+        out = self._retrying(lambda: self.results.run(key, tensors, lambda: method(args, kwargs)), method, args, kwargs)
         return self._outputs(out, device or self._inputs_device(args))
 
     def _move(self, t: torch.Tensor, name: str, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -20,7 +20,8 @@ __all__ = [
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search", "set_grad_enabled", "switch_grad_mode", "enter_autocast", "exit_autocast", "has_forward_pre_hooks", "graph_module",
+    "autowrap_search", "set_grad_enabled", "switch_grad_mode", "enter_autocast", "exit_autocast",
+    "has_forward_pre_hooks", "graph_module",
 ]
 
 #: What ``torch.no_grad()``/``enable_grad()``/``set_grad_enabled()`` call to switch grad mode.
@@ -35,6 +36,7 @@ def switch_grad_mode(mode: bool) -> bool:
     previous = torch.is_grad_enabled()
     set_grad_enabled(mode)
     return previous
+
 
 #: What ``with torch.autocast(...)`` records in a graph (torch.export records the same calls).
 enter_autocast = torch.amp.autocast_mode._enter_autocast  # noqa: SLF001

@@ -16,40 +16,22 @@ __all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_
 
 @contextlib.contextmanager
 def preserved_state(*modules: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit: its
-    value, and the tensor registered under its name (``self.ema = self.ema * 0.9 + ...`` in
-    a forward re-binds it); the plain attributes a forward sets (``self.cache = ...``):
-    re-bound ones get their object back, new ones are removed; and the submodules a forward
-    swaps. (The training flag is the caller's to set.)"""
-    saved = []
-    attributes = []
-    for module in modules:
-        for owner in module.modules():
-            for name, buf in owner._buffers.items():  # noqa: SLF001  (the registration, not a copy)
-                if buf is not None:
-                    saved.append((owner, name, buf, buf.detach().clone()))
-            attributes.append((owner, {k: v for k, v in vars(owner).items() if k != "training"},
-                               dict(owner._modules)))  # noqa: SLF001
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for owner, name, buf, value in saved:
-                owner._buffers[name] = buf  # noqa: SLF001
-                buf.copy_(value)
-        for owner, before, children in attributes:
-            if owner._modules != children:  # noqa: SLF001  (forward swapped a submodule: BigBird)
-                owner._modules.clear()  # noqa: SLF001
-                owner._modules.update(children)  # noqa: SLF001
-            current = vars(owner)
-            for key in [k for k in current if k not in before and k != "training"]:
-                del current[key]
-            for key, value in before.items():
-                if current.get(key, _ABSENT) is not value:
-                    current[key] = value
+    """Restore every buffer (BatchNorm statistics, counters) of ``modules`` on exit, and
+    everything :func:`structure_kept` restores of each of their submodules: a forward that
+    re-binds a buffer (``self.ema = self.ema * 0.9 + ...``), sets a plain attribute
+    (``self.cache = ...``) or swaps a submodule leaves no trace."""
+    owners = list(dict.fromkeys(owner for module in modules for owner in module.modules()))
+    values = [(buf, buf.detach().clone()) for buf in dict.fromkeys(
+        buf for owner in owners for buf in owner._buffers.values() if buf is not None)]  # noqa: SLF001
+    with structure_kept(owners):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, value in values:
+                    buf.copy_(value)
 
 
-_ABSENT = object()
 _CONTAINERS = (dict, set)  # OrderedDict is a dict: _modules, _parameters, _buffers, every hook dict
 
 
@@ -151,36 +133,6 @@ def clone_tree(value: Any) -> Any:
             out[k] = clone_tree(v)
         return out
     return copy_object(value, torch.Tensor.clone, always=True) if plain_object(value) else value
-
-
-def copy_object(obj: Any, fn: Callable[[torch.Tensor], Any], always: bool = False) -> Any:
-    """A deep copy of ``obj`` with each tensor it holds (a few levels down) replaced by
-    ``fn(tensor)``; ``obj`` itself when it cannot be copied, or holds no tensor (unless
-    ``always``)."""
-    memo: dict[int, Any] = {}
-
-    def visit(value: Any, depth: int) -> None:
-        if isinstance(value, torch.Tensor):
-            memo[id(value)] = fn(value)
-        elif depth >= 8 or isinstance(value, (nn.Module, type)):
-            return
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            for item in value:
-                visit(item, depth + 1)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item, depth + 1)
-        elif hasattr(value, "__dict__") and not callable(value):
-            for item in vars(value).values():
-                visit(item, depth + 1)
-
-    visit(obj, 0)
-    if not memo and not always:
-        return obj
-    try:
-        return copy.deepcopy(obj, memo)
-    except Exception:  # noqa: BLE001  (an object that cannot be copied: as it is)
-        return obj
 
 
 def plain_object(value: Any) -> bool:
