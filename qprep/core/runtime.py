@@ -100,39 +100,30 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """``value`` with ``fn`` applied to every tensor, containers rebuilt with their own types
-    (lists stay lists, namedtuples stay namedtuples; unlike ``map_aggregate``, which makes
-    them immutable, so that a model may still append to a list it is given)."""
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] | None = None) -> Any:
+    """``value`` with ``fn`` applied to every tensor (and ``other``, if given, to every other
+    leaf), containers rebuilt with their own types (lists stay lists, namedtuples stay
+    namedtuples; unlike ``map_aggregate``, which makes them immutable, so that a model may
+    still append to a list it is given)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(map_tensors(v, fn) for v in value))
+        return type(value)(*(map_tensors(v, fn, other) for v in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn) for v in value)
+        return type(value)(map_tensors(v, fn, other) for v in value)
     if isinstance(value, dict):
         out = dict.fromkeys(value) if type(value) is dict else value.copy()
         for k, v in value.items():
-            out[k] = map_tensors(v, fn)
+            out[k] = map_tensors(v, fn, other)
         return out
-    return value
+    return other(value) if other is not None else value
 
 
 def clone_tree(value: Any) -> Any:
     """``value`` with every tensor cloned (a model may update its inputs in place), and
     every other object (an instance of a user class, as a KV cache) deep-copied."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(clone_tree(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(clone_tree(v) for v in value)
-    if isinstance(value, dict):
-        out = dict.fromkeys(value) if type(value) is dict else value.copy()
-        for k, v in value.items():
-            out[k] = clone_tree(v)
-        return out
-    return copy_object(value, torch.Tensor.clone, always=True) if plain_object(value) else value
+    return map_tensors(value, torch.Tensor.clone,
+                       lambda v: copy_object(v, torch.Tensor.clone, always=True) if plain_object(v) else v)
 
 
 def plain_object(value: Any) -> bool:
@@ -169,22 +160,3 @@ def copy_object(obj: Any, fn: Callable[[torch.Tensor], Any], always: bool = Fals
         return copy.deepcopy(obj, memo)
     except Exception:  # noqa: BLE001  (an object that cannot be copied: as it is)
         return obj
-
-
-def holds_tensors(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is an object (not a tensor, container, module or class) with a
-    tensor among its attributes, a few levels down."""
-    if isinstance(value, (torch.Tensor, nn.Module, type, list, tuple, dict)) or not hasattr(value, "__dict__") \
-            or callable(value) or depth > 4:
-        return False
-
-    def inside(v: Any) -> bool:
-        if isinstance(v, torch.Tensor):
-            return True
-        if isinstance(v, (list, tuple)):
-            return any(inside(x) for x in v)
-        if isinstance(v, dict):
-            return any(inside(x) for x in v.values())
-        return holds_tensors(v, depth + 1)
-
-    return any(inside(v) for v in vars(value).values())
