@@ -23,7 +23,7 @@ from .core.aliases import match_order, match_persistence, restore_missing_state
 from .core.config import PrepareConfig
 from .core.copying import deepcopy_module
 from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, QprepError, TraceError
-from .core.inputs import as_positional, check_call, fit_call, with_concrete
+from .core.inputs import as_positional, call_form, check_call, fit_call, with_concrete
 from .core.paths import check_writable
 from .core.records import Preparation, TraceNote
 from .core.template import tree_any
@@ -308,7 +308,8 @@ def _child_inputs(work: nn.Module, args: tuple) -> dict[str, list]:
         handles.append(child.register_forward_pre_hook(record, with_kwargs=True))
     try:
         with preserved_state(work), forked_rng(), torch.no_grad():
-            work(*clone_tree(args))
+            positional, keywords = call_form(work, clone_tree(args))
+            work(*positional, **keywords)
     finally:
         for handle in handles:
             handle.remove()

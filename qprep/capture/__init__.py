@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
 from ..core.guards import Guard
+from ..core.inputs import call_form
 from ..core.provenance import module_scope
 from ..core.records import Change, TraceNote
 from ..core.runtime import clone_tree, forked_rng, preserved_state
@@ -195,7 +196,8 @@ def _check_inputs(model: nn.Module, args: tuple) -> None:
     example, so that inputs it rejects are an :class:`InputError`, not a later surprise."""
     try:
         with preserved_state(model), forked_rng(), torch.no_grad():
-            model(*clone_tree(args))
+            positional, keywords = call_form(model, clone_tree(args))
+            model(*positional, **keywords)
     except Exception as exc:  # noqa: BLE001  (the model rejects its example inputs)
         raise InputError(
             f"example_inputs do not run through {type(model).__name__}: {type(exc).__name__}: {exc}"

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..core.config import PrepareConfig
 from ..core.errors import TraceError
+from ..core.inputs import keywords_of
 from .tracer import Traced, trace
 
 __all__ = ["fixed_arguments", "example_values", "trace_specialised"]
@@ -38,27 +39,35 @@ def fixed_arguments(model: nn.Module, args: tuple | None) -> dict[str, Any]:
     parameters after the given ones, and ``None`` for arguments given as ``None``."""
     params = _parameters(model)
     given = len(args) if args is not None else 0
+    keywords = keywords_of(args)
     fixed = {
         p.name: p.default for p in params[given:]
         if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in keywords
     }
     for i, a in enumerate(args or ()):
         if a is None and i < len(params) and params[i].kind in _POSITIONAL:
             fixed[params[i].name] = None
+    fixed.update((k, None) for k, v in keywords.items() if v is None and k in {p.name for p in params})
     return fixed
 
 
 def example_values(model: nn.Module, args: tuple) -> dict[str, Any]:
-    """Forward parameter name -> its example value (``*args`` collects the rest)."""
+    """Forward parameter name -> its example value (``*args`` collects the rest, ``**kwargs``
+    the keywords no parameter takes)."""
     values: dict[str, Any] = {}
     rest = list(args)
+    keywords = dict(keywords_of(args))
     for p in _parameters(model):
         if p.kind in _POSITIONAL and rest:
             values[p.name] = rest.pop(0)
         elif p.kind == p.VAR_POSITIONAL:
             values[p.name], rest = tuple(rest), []
-        elif p.kind == p.VAR_KEYWORD:
-            values[p.name] = {}
+        elif p.kind == p.KEYWORD_ONLY and p.name in keywords:
+            values[p.name] = keywords.pop(p.name)
+    for p in _parameters(model):
+        if p.kind == p.VAR_KEYWORD:
+            values[p.name] = keywords
     return values
 
 

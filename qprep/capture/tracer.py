@@ -280,6 +280,24 @@ class QprepTracer(torch.fx.Tracer):
         patcher.patch(torch._C.__dict__, "_set_grad_enabled", self._grad_mode(set_grad_enabled))  # noqa: SLF001
         self._install_grad_scopes(patcher)
         self._install_autocast(patcher)
+        patcher.patch(torch.__dict__, "is_grad_enabled", self._grad_mode_read(torch.is_grad_enabled))
+
+    def _grad_mode_read(self, original):
+        """``torch.is_grad_enabled()`` read by the model's own code answers the trace's mode
+        and guards it: a prepared model called in the other mode is refused, as the code may
+        have branched on it. torch's own reads (kernel choices, such as the attention fast
+        path) are not guarded."""
+        def is_grad_enabled():
+            mode = original()
+            caller = sys._getframe(1).f_code.co_filename  # noqa: SLF001
+            if self.recording() and not os.path.abspath(caller).startswith(
+                    (os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))):
+                node = self.create_proxy("call_function", original, (), {}).node
+                location, code = _here(1)
+                self.guards.record(node, "value", mode, location, code)
+            return mode
+
+        return is_grad_enabled
 
     def _grad_mode(self, original):
         """``with torch.no_grad():`` in a traced ``forward`` switches grad mode when the
@@ -580,6 +598,8 @@ class QprepTracer(torch.fx.Tracer):
                     keyword_only_from(p.name, f"`{p.name}` was fixed at trace time; pass the arguments after it by keyword")
             else:
                 default = _default_of(p)
+                if p.kind == p.KEYWORD_ONLY:
+                    keyword_only_from(f"before_{p.name}", f"`{p.name}` and the arguments after it are keyword-only")
                 if defaulted and not default and p.kind != p.KEYWORD_ONLY:
                     keyword_only_from(f"before_{p.name}", f"`{p.name}` and the arguments after it are keyword-only")
                 defaulted = defaulted or bool(default)

@@ -11,13 +11,43 @@ import torch.nn as nn
 from ._compat import has_forward_pre_hooks
 from .errors import InputError
 
-__all__ = ["as_positional", "check_call", "with_concrete", "empty_inputs", "fit_call", "call_form"]
+__all__ = ["Arguments", "as_positional", "keywords_of", "check_call", "with_concrete", "empty_inputs", "fit_call",
+           "call_form"]
+
+
+class Arguments(tuple):
+    """Example inputs as positional arguments, with those that cannot be positional beside
+    them in ``keywords``: ``forward``'s keyword-only parameters and the names its ``**kwargs``
+    collects. A plain tuple wherever there are none."""
+
+    keywords: dict
+
+    def __new__(cls, args, keywords: dict | None = None):
+        self = super().__new__(cls, args)
+        self.keywords = dict(keywords or {})
+        return self
+
+    def __repr__(self) -> str:
+        return f"Arguments({tuple(self)!r}, {self.keywords!r})"
+
+    def __reduce__(self):
+        return (Arguments, (tuple(self), self.keywords))
+
+
+def keywords_of(args: tuple | None) -> dict:
+    """The keyword-only example inputs of ``args`` (:class:`Arguments`); ``{}`` for a tuple."""
+    return getattr(args, "keywords", {}) if args is not None else {}
+
+
+def _with_keywords(args: tuple, keywords: dict) -> tuple:
+    return Arguments(args, keywords) if keywords else tuple(args)
 
 
 def as_positional(inputs: Any, model: nn.Module | None = None) -> tuple:
     """``inputs`` as a tuple of positional arguments: a tensor, a list or a tuple as they
     are; a dict as keyword arguments put in ``model.forward``'s order, defaults filling the
-    gaps before the last one given."""
+    gaps before the last one given, and those that cannot go by position (keyword-only, or
+    collected by ``**kwargs``) kept by name (:class:`Arguments`)."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
     if isinstance(inputs, list):
@@ -33,13 +63,16 @@ def as_positional(inputs: Any, model: nn.Module | None = None) -> tuple:
 
 
 def _keywords_in_order(model: nn.Module, kwargs: dict) -> tuple:
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    parameters = inspect.signature(model.forward).parameters
+    params = [p for p in parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = [p.name for p in params]
-    unknown = set(kwargs) - set(names)
+    var_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    by_name = {k: v for k, v in kwargs.items() if k not in names and (
+        k in parameters and parameters[k].kind is inspect.Parameter.KEYWORD_ONLY or var_keyword and k not in parameters)}
+    unknown = set(kwargs) - set(names) - set(by_name)
     if unknown:
         raise InputError(f"example_inputs names {sorted(unknown)}, which {type(model).__name__}.forward does not take")
-    last = max(names.index(k) for k in kwargs) if kwargs else -1
+    last = max((names.index(k) for k in kwargs if k in names), default=-1)
     args = []
     for p in params[: last + 1]:
         if p.name in kwargs:
@@ -48,7 +81,7 @@ def _keywords_in_order(model: nn.Module, kwargs: dict) -> tuple:
             args.append(p.default)
         else:
             raise InputError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward requires")
-    return tuple(args)
+    return _with_keywords(args, by_name)
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature | None:
@@ -84,25 +117,27 @@ def check_call(model: nn.Module, args: tuple | None, concrete_args: dict | None 
             f"{_count(len(args), 'example input')} given, but {where} takes "
             f"{_count(len(positional), 'positional input')} ({', '.join(positional) or 'none'})")
     concrete = dict(concrete_args or {})
+    keywords = keywords_of(args)
     var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
     for name in concrete:
         if name in positional[: len(args)]:
             raise InputError(f"{where} argument {name!r} is given twice: as example input "
                              f"{positional.index(name) + 1} and in concrete_args")
+        if name in keywords:
+            raise InputError(f"{where} argument {name!r} is given twice: in example_inputs and in concrete_args")
         if name not in sig.parameters and not var_keyword:
             raise InputError(f"concrete_args names {name!r}, which {where} does not take "
                              f"(its arguments: {', '.join(sig.parameters) or 'none'})")
     try:
-        (sig.bind if complete else sig.bind_partial)(*args, **concrete)
+        (sig.bind if complete else sig.bind_partial)(*args, **keywords, **concrete)
     except TypeError as exc:
         raise InputError(f"the example inputs do not fit {where}{sig}: {exc}") from None
 
 
 def with_concrete(model: nn.Module, args: tuple, concrete_args: dict | None) -> tuple:
     """``args`` with the ``concrete_args`` values put in their positions of ``forward``
-    (defaults filling the gaps), so that the original and the prepared model are run on
-    the values the preparation fixed. Keyword-only arguments cannot be positional: they
-    are left to their defaults."""
+    (defaults filling the gaps), or by name where they cannot be positional, so that the
+    original and the prepared model are run on the values the preparation fixed."""
     if not concrete_args:
         return args
     sig = _forward_signature(model)
@@ -110,26 +145,29 @@ def with_concrete(model: nn.Module, args: tuple, concrete_args: dict | None) -> 
         return args
     positional = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = {p.name: i for i, p in enumerate(positional)}
+    keywords = {**keywords_of(args), **{k: v for k, v in concrete_args.items() if k not in names}}
     if len(args) > len(positional):  # *args took the rest: nothing after them is positional
-        return args
+        return _with_keywords(args, keywords)
     keyed = {p.name: a for p, a in zip(positional, args)}
     keyed.update((k, v) for k, v in concrete_args.items() if k in names and names[k] >= len(args))
-    return args + _keywords_in_order(model, keyed)[len(args):]
+    return _with_keywords(tuple(args) + tuple(_keywords_in_order(model, keyed)[len(args):]), keywords)
 
 
 def call_form(model: nn.Module, args: tuple) -> tuple[tuple, dict]:
     """``model(*args)`` as ``model(*positional, **keywords)``: each argument that may go by
     name goes by name (a Hugging Face ``forward`` under decorators that re-pass some
-    arguments by keyword takes no other call), the rest by position."""
+    arguments by keyword takes no other call), the rest by position; the keyword-only
+    ones of :class:`Arguments` by name."""
+    keywords = keywords_of(args)
     sig = _forward_signature(model)
     if sig is None:
-        return args, {}
+        return tuple(args), dict(keywords)
     params = list(sig.parameters.values())
     named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(args) > len(named) or any(p.kind == p.POSITIONAL_ONLY for p in named[len(args):]):
-        return args, {}  # *args took the rest, or too few for positional-only ones: as given
+        return tuple(args), dict(keywords)  # *args took the rest, or too few for positional-only ones: as given
     head = sum(1 for p in named[: len(args)] if p.kind == p.POSITIONAL_ONLY)
-    return tuple(args[:head]), {p.name: a for p, a in zip(named[head:], args[head:])}
+    return tuple(args[:head]), {**{p.name: a for p, a in zip(named[head:], args[head:])}, **keywords}
 
 
 def fit_call(original: nn.Module, prepared: nn.Module, args: tuple) -> tuple[tuple, dict]:
@@ -146,7 +184,7 @@ def fit_call(original: nn.Module, prepared: nn.Module, args: tuple) -> tuple[tup
         k in sig.parameters and sig.parameters[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                            inspect.Parameter.KEYWORD_ONLY)
         for k in keywords) or sig is not None and any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    return (positional, keywords) if takes else (args, {})
+    return (positional, keywords) if takes else (tuple(args), dict(keywords_of(args)))
 
 
 def empty_inputs(args: tuple) -> list[str]:

@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from .inputs import Arguments
+
 __all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_object", "map_tensors", "seeded", "structure_kept",
            "shallow_copy"]
 
@@ -107,6 +109,8 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[
     still append to a list it is given)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
+    if isinstance(value, Arguments):
+        return Arguments((map_tensors(v, fn, other) for v in value), map_tensors(value.keywords, fn, other))
     if isinstance(value, tuple) and hasattr(value, "_fields"):
         return type(value)(*(map_tensors(v, fn, other) for v in value))
     if isinstance(value, (list, tuple)):

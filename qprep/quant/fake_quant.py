@@ -40,7 +40,7 @@ import torch.ao.quantization as tq
 import torch.nn as nn
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
-from ..core.inputs import as_positional
+from ..core.inputs import as_positional, keywords_of
 from ..report.coverage import untouched
 
 __all__ = [
@@ -132,7 +132,7 @@ def _output_kinds(model: nn.Module, args: tuple) -> dict[int, str]:
     handles = [m.register_forward_hook(hook) for _, m in _units(model)]
     try:
         with untouched(model), torch.no_grad():
-            model(*args)
+            model(*args, **keywords_of(args))
     finally:
         for h in handles:
             h.remove()

@@ -22,10 +22,12 @@ import math
 from typing import Any, ClassVar, Iterator
 
 import torch
+import torch.fx
 import torch.nn as nn
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..core import meta
 from ..core._compat import mha_fastpath
 from ..core.errors import InputError
 from ..core.inputs import as_positional, call_form, check_call, empty_inputs, fit_call
@@ -215,15 +217,16 @@ def _check(path: str, x: Any, y: Any) -> OutputCheck:
 
 
 def _run(model: nn.Module, args: tuple, seed: int, params: list | None,
-         original: nn.Module | None = None) -> tuple[Any, list]:
+         original: nn.Module | None = None, grad_mode: bool = False) -> tuple[Any, list]:
     """Run with a fixed RNG seed; with ``params`` (a list), also return the gradients of
     the sum of outputs w.r.t. the floating-point inputs and those parameters. ``original``:
-    ``model`` is its prepared version, called as :func:`~qprep.core.inputs.fit_call` says."""
+    ``model`` is its prepared version, called as :func:`~qprep.core.inputs.fit_call` says.
+    Without ``params``, run in grad mode ``grad_mode`` (off, but for a model that reads it)."""
     args = clone_tree(args)
     fit = (lambda a: fit_call(original, model, a)) if original is not None else (lambda a: call_form(model, a))
     with seeded(seed):
         if params is None:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad_mode):
                 positional, keywords = fit(args)
                 return model(*positional, **keywords), []
         wrt = [a.requires_grad_() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
@@ -236,6 +239,13 @@ def _run(model: nn.Module, args: tuple, seed: int, params: list | None,
         return out, []
     total = sum(t.double().sum() for t in tensors)
     return out, list(torch.autograd.grad(total, wrt + params, allow_unused=True))
+
+
+def reads_grad_mode(model: nn.Module) -> bool:
+    """Whether ``model`` (prepared) was specialised on ``torch.is_grad_enabled()``: then it is
+    compared in the grad mode it is called in, not without gradients."""
+    guards = meta.graph_fact(model, meta.GUARDS) if isinstance(model, torch.fx.GraphModule) else None
+    return any(g.expression == "is_grad_enabled()" for g in guards or ())
 
 
 def _shared_params(original: nn.Module, prepared: nn.Module) -> tuple[list, list]:
@@ -253,9 +263,10 @@ def _shared_params(original: nn.Module, prepared: nn.Module) -> tuple[list, list
 
 def _compare_once(original, prepared, args, seed, grad) -> tuple[list[OutputCheck], list[OutputCheck]]:
     params_a, params_b = _shared_params(original, prepared) if grad else (None, None)
+    mode = torch.is_grad_enabled() and reads_grad_mode(prepared)  # the caller's, where the model reads it
     with preserved_state(original, prepared):
-        out_a, grads_a = _run(original, args, seed, params_a)
-        out_b, grads_b = _run(prepared, args, seed, params_b, original)
+        out_a, grads_a = _run(original, args, seed, params_a, grad_mode=mode)
+        out_b, grads_b = _run(prepared, args, seed, params_b, original, grad_mode=mode)
     checks = compare(out_a, out_b)
     grad_checks = compare(grads_a, grads_b, "grad") if grad else []
     return checks, grad_checks

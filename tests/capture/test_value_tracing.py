@@ -431,6 +431,101 @@ def test_arguments_after_an_object_argument_are_keyword_only():
         fixed(x, 1.0, _Settings())  # a positional call must not bind `y` one place off
 
 
+class _KeywordOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, *, scale, bias=None):
+        y = self.fc(x) * scale
+        return y if bias is None else y + bias
+
+
+class _OnlyKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, *, ids):
+        return self.fc(ids).relu()
+
+
+class _Extras(nn.Module):
+    """Keywords collected by ``**kwargs`` (Hugging Face passes flags this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, **kwargs):
+        y = self.fc(x)
+        if kwargs.get("double", False):
+            y = y * 2
+        return y + kwargs["shift"] if "shift" in kwargs else y
+
+
+def test_keyword_only_parameters_take_example_inputs_by_name():
+    x, x5 = torch.randn(2, 4), torch.randn(5, 4)
+    model = _KeywordOnly().eval()
+    gm = qprep.prepare(model, {"x": x, "scale": torch.tensor(2.0), "bias": torch.ones(4)})
+    assert torch.equal(gm(x5, scale=torch.tensor(3.0), bias=torch.zeros(4)),
+                       model(x5, scale=torch.tensor(3.0), bias=torch.zeros(4)))
+    left_out = qprep.prepare(model, {"x": x, "scale": 2.0})  # bias left to its default: fixed and guarded
+    assert torch.equal(left_out(x5, scale=2.0), model(x5, scale=2.0))
+    with pytest.raises(GuardError, match="argument fixed at trace time"):
+        left_out(x5, scale=2.0, bias=torch.ones(4))
+    fixed = qprep.prepare(model, {"x": x, "scale": 2.0}, concrete_args={"bias": torch.ones(4)})  # verified with it
+    assert torch.equal(fixed(x5, scale=2.0), model(x5, scale=2.0, bias=torch.ones(4)))
+    only = _OnlyKeywords().eval()
+    assert qprep.verify(only, qprep.prepare(only, {"ids": x}), {"ids": x5}).equal
+    with pytest.raises(qprep.InputError, match="missing a required argument: 'ids'"):
+        qprep.prepare(only, {})
+    with pytest.raises(qprep.InputError, match=r"names \['idz'\], which _OnlyKeywords.forward does not take"):
+        qprep.prepare(only, {"idz": x})
+
+
+def test_keywords_collected_by_star_star_kwargs_are_example_inputs():
+    x, x5 = torch.randn(2, 4), torch.randn(5, 4)
+    model = _Extras().eval()
+    gm = qprep.prepare(model, {"x": x, "double": True, "shift": torch.ones(4)})
+    assert torch.equal(gm(x5, double=True, shift=torch.zeros(4)), model(x5, double=True, shift=torch.zeros(4)))
+    assert compute_ops_outside_modules(gm) == []
+    with pytest.raises(GuardError, match="kwargs"):
+        gm(x5, double=False, shift=torch.zeros(4))  # the branch taken on the example's True
+    with pytest.raises(GuardError, match="kwargs"):
+        gm(x5)  # other keys than the example's
+    plain = qprep.prepare(model, (x,))
+    assert torch.equal(plain(x5), model(x5))
+
+
+class _GradModeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if torch.is_grad_enabled() else y
+
+
+def test_a_branch_on_the_grad_mode_is_guarded():
+    model, x = _GradModeBranch().eval(), torch.randn(3, 4)
+    gm = qprep.prepare(model, x)  # prepared (and verified) with gradients on
+    assert "is_grad_enabled() == True" in guards(gm)
+    assert torch.equal(gm(x), model(x))
+    with torch.no_grad(), pytest.raises(GuardError, match=r"is_grad_enabled\(\)` gave False"):
+        gm(x)
+    with torch.no_grad():
+        inference = qprep.prepare(model, x)
+        assert torch.equal(inference(x), model(x))
+    # torch's own reads (the attention fast path's checks) choose kernels, not results: not guarded
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    prepared = qprep.prepare(layer, torch.randn(2, 5, 16))
+    assert not any("is_grad_enabled" in g for g in guards(prepared))
+    with torch.no_grad():
+        prepared(torch.randn(2, 5, 16))
+
+
 class _RelativeIndices(nn.Module):
     """timm's ConViT: a buffer kept out of the state_dict re-made when the length changes."""
 
