@@ -45,18 +45,21 @@ def inner_model(model: nn.Module) -> tuple[str, nn.Module]:
 
 def record_calls(model: nn.Module, module: nn.Module, run) -> list[dict]:
     """The arguments of each call of ``module`` (a submodule of ``model``) while ``run()``
-    runs, by parameter name, each deep-copied when made (a KV cache grows after the call)."""
+    runs, by parameter name (those its forward collects in ``**kwargs`` by their own names),
+    each deep-copied when made (a KV cache grows after the call)."""
     calls: list[dict] = []
     signature = inspect.signature(module.forward)
+    params = signature.parameters.values()
+    var_positional = next((p.name for p in params if p.kind is p.VAR_POSITIONAL), None)
+    var_keyword = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
 
     def hook(_module, args, kwargs):
         bound = signature.bind(*args, **kwargs).arguments
-        extra = [p.name for p in signature.parameters.values() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                 and bound.get(p.name)]
-        if extra:
+        if bound.get(var_positional):
             raise InputError(f"{type(module).__name__} was called with arguments its forward collects in "
-                             f"{', '.join('*' + e for e in extra)}; qprep.hf records calls by parameter name only")
-        calls.append(copy.deepcopy({k: v for k, v in bound.items()}))
+                             f"*{var_positional}; qprep.hf records calls by parameter name only")
+        extra = bound.pop(var_keyword, None) or {}
+        calls.append(copy.deepcopy({**bound, **extra}))
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:

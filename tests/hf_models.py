@@ -31,6 +31,10 @@ CONFIGS = {
     "mistral": lambda: T.MistralConfig(**_DECODER, sliding_window=4),  # a window shorter than the sequence
     "gemma2": lambda: T.Gemma2Config(**_DECODER, head_dim=8, sliding_window=4),
     "phi3": lambda: T.Phi3Config(**_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Mixture of Experts: 4 experts, 2 per token (the experts' implementation is chosen in build())
+    "mixtral": lambda: T.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(**_DECODER, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                          num_experts=4, num_experts_per_tok=2),
     "t5": lambda: T.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                              num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                              decoder_start_token_id=0),
@@ -38,14 +42,18 @@ CONFIGS = {
                                num_attention_heads=4, intermediate_size=64),
 }
 DECODERS = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
-#: (model, attention implementation) pairs: every model with sdpa and eager (Gemma 2 has no sdpa).
-CASES = [(name, attn) for name in CONFIGS for attn in ("sdpa", "eager") if not (name == "gemma2" and attn == "sdpa")]
+MOE = ("mixtral", "qwen2_moe")
+#: (model, attention implementation) pairs: every model but the MoE ones with sdpa and eager
+#: (Gemma 2 has no sdpa).
+CASES = [(name, attn) for name in CONFIGS if name not in MOE for attn in ("sdpa", "eager")
+         if not (name == "gemma2" and attn == "sdpa")]
 
 
-def build(name: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+def build(name: str, attn: str = "sdpa", seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
-    auto = T.AutoModelForCausalLM if name in DECODERS else T.AutoModelForSeq2SeqLM if name == "t5" else T.AutoModel
-    return auto.from_config(CONFIGS[name](), attn_implementation=attn).eval()
+    auto = T.AutoModelForCausalLM if name in DECODERS + MOE else T.AutoModelForSeq2SeqLM if name == "t5" \
+        else T.AutoModel
+    return auto.from_config(CONFIGS[name](), attn_implementation=attn, **kwargs).eval()
 
 
 def example(name: str, batch: int = 2, seq: int = 8, pad: bool = False, seed: int = 0) -> dict:
@@ -55,7 +63,7 @@ def example(name: str, batch: int = 2, seq: int = 8, pad: bool = False, seed: in
     inputs = {"input_ids": torch.randint(3, 128, (batch, seq), generator=g)}
     mask = torch.ones(batch, seq, dtype=torch.long)
     if pad:
-        if name in DECODERS:
+        if name in DECODERS + MOE:
             mask[0, :3] = 0
         else:
             mask[0, -3:] = 0

@@ -12,7 +12,7 @@ import torch
 
 import qprep
 from qprep.core import meta
-from tests.hf_models import CASES, DECODERS, build, example
+from tests.hf_models import CASES, DECODERS, MOE, build, example
 from tests.models import compute_ops_outside_modules
 
 #: A quick subset for the default run; the rest run with -m slow.
@@ -130,6 +130,39 @@ def test_generate_gives_the_same_tokens(name, attn, tmp_path):
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     prepared.load_state_dict(model.state_dict())  # strict: the same keys both ways
+
+
+@pytest.mark.parametrize("name, experts", [
+    pytest.param("mixtral", "grouped_mm", id="mixtral-grouped_mm"),
+    pytest.param("mixtral", "batched_mm", id="mixtral-batched_mm", marks=pytest.mark.slow),
+    pytest.param("qwen2_moe", "grouped_mm", id="qwen2_moe-grouped_mm", marks=pytest.mark.slow),
+])
+def test_mixture_of_experts(name, experts):
+    """MoE decoders with transformers 5's default grouped-GEMM experts (whose meta kernel
+    refuses float32: the example value comes from a shape rule) and batched experts: routing,
+    the experts' GEMMs and the weighted sum are modules; bitwise equal on new shapes and
+    padded batches; generate() gives the original's tokens."""
+    import qprep.hf
+
+    model = build(name, "eager", experts_implementation=experts)
+    assert model.config._experts_implementation == experts
+    gm = qprep.prepare(model, example(name))
+    assert compute_ops_outside_modules(gm) == []
+    grouped = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional) and "grouped_mm" in repr(m)]
+    assert len(grouped) == (4 if experts == "grouped_mm" else 0)  # up and down projections, 2 layers
+    for shape in NEW_SHAPES:
+        assert qprep.verify(model, gm, example(name, seed=1, **shape)).equal, shape
+    inputs = example(name, batch=2, seq=6, pad=True)
+    prepared = qprep.hf.prepare_for_generate(model, inputs)
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(prepared.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_mixture_of_experts_with_eager_routing_names_the_loop():
+    """The eager experts loop over the experts that the data hits: refused, naming the line."""
+    model = build("mixtral", "eager", experts_implementation="eager")
+    with pytest.raises(qprep.TraceError, match=r"for expert_idx in expert_hit"):
+        qprep.prepare(model, example("mixtral"))
 
 
 def test_prepare_for_generate_leaves_the_model_alone():

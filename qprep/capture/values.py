@@ -77,6 +77,32 @@ SHAPE_PRESERVING_FUNCTIONS = frozenset({
     torch.relu, torch.sigmoid, torch.tanh, torch.softmax, torch.log_softmax,
 })
 
+
+
+def _grouped_mm_shape(mat_a: torch.Tensor, mat_b: torch.Tensor, *, offs: torch.Tensor | None = None,
+                      bias: Any = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The meta output of ``torch._grouped_mm`` / ``F.grouped_mm``, whose meta kernel refuses
+    the float32 operands that the CPU kernel runs (Mixture-of-Experts layers on the CPU). The
+    output's shape never depends on the data: 2D x 3D gives ``(M, N)``, 3D x 3D ``(G, M, N)``,
+    2D x 2D ``(len(offs), M, N)``, 3D x 2D ``(M, N)``."""
+    dims = (mat_a.dim(), mat_b.dim())
+    if dims == (2, 3) or dims == (3, 2):
+        shape = (mat_a.shape[-2], mat_b.shape[-1])
+    elif dims == (3, 3):
+        shape = (mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1])
+    elif dims == (2, 2) and offs is not None:
+        shape = (offs.shape[0], mat_a.shape[0], mat_b.shape[-1])
+    else:
+        raise RuntimeError(f"grouped_mm of {mat_a.dim()}D by {mat_b.dim()}D operands")
+    return torch.empty(shape, dtype=out_dtype or mat_a.dtype, device=_META)
+
+
+#: Ops whose meta kernel refuses inputs their CPU or CUDA kernel runs: the example value's
+#: shape and dtype by a rule instead.
+META_RULES: dict[Callable, Callable] = {
+    f: _grouped_mm_shape for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f
+}
+
 # Keyword and positional device arguments are evaluated on the meta device.
 _META = torch.device("meta")
 _CPU = torch.device("cpu")
@@ -232,6 +258,8 @@ class Values:
             return args[0]  # an in-place activation returns its input, unchanged but for its data
         device = _requested_device(kwargs)
         args, kwargs = self.to_meta(args), _meta_devices(self.to_meta(kwargs))
+        if _in(META_RULES, target):
+            return self._outputs(META_RULES[target](*args, **kwargs), self._inputs_device(args, kwargs))
         if device is not None and "device" not in kwargs:
             kwargs["device"] = _META
         scalars = self._on_scalars(lambda a, k: target(*a, **k), args, kwargs, device)
