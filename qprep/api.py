@@ -26,8 +26,7 @@ from .core.errors import InconclusiveWarning, InputError, NotEquivalentError, Qp
 from .core.inputs import as_positional, call_form, check_call, fit_call, with_concrete
 from .core.paths import check_writable
 from .core.records import Preparation, TraceNote
-from .core.template import tree_any
-from .core.runtime import clone_tree, forked_rng, preserved_state, shallow_copy, structure_kept
+from .core.runtime import clone_tree, forked_rng, on_meta_device, preserved_state, shallow_copy, structure_kept
 from .passes import run_pipeline
 from .report import Report, preparation_of, report_format, snapshot
 from .verify import VerifyResult, verify_outputs
@@ -163,7 +162,7 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
     gm.training = model.training
     if not isinstance(gm, VariantGraphModule):
         install_fast_forward(gm)
-    on_meta = args is not None and _on_meta(work, [args, *more])
+    on_meta = args is not None and on_meta_device(work, [args, *more])
     unverified = (TraceNote("", type(model).__name__, "not verified: the model or its example inputs are on the meta "
                             "device (no values to compare); load weights with to_empty() and load_state_dict(), "
                             "then check with qprep.verify()"),) if on_meta and check else ()
@@ -218,13 +217,6 @@ def load_weights(prepared: nn.Module, source: nn.Module, device: torch.device | 
             if name in mine:
                 mine[name].copy_(buffer)
     return prepared
-
-
-def _on_meta(model: nn.Module, examples: list) -> bool:
-    """Whether a parameter, buffer or example tensor is on the meta device."""
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        return True
-    return any(tree_any(ex, lambda v: isinstance(v, torch.Tensor) and v.is_meta) for ex in examples)
 
 
 def _call_signature(read, model: nn.Module, prepared: torch.fx.GraphModule, args: tuple) -> dict:

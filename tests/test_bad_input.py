@@ -144,3 +144,20 @@ def test_one_empty_input_among_others_is_named():
     result = qprep.verify(Two(), gm, (x, cache))
     assert result.caveats == ("input 2 (shape 0x4) is empty: ops on an empty tensor compute nothing, "
                               "so they were not checked",)
+
+
+class _ReadsShapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.view(y.shape[0], -1)
+
+
+def test_an_example_the_model_rejects_is_an_input_error_not_a_trace_error():
+    """The linear layer cannot take 5 features: its meta kernel fails, the shape Python reads
+    is unknown, and the trace stops; the error reported is the model's own on the example."""
+    with pytest.raises(qprep.InputError, match=r"do not run through _ReadsShapes: RuntimeError: mat1 and mat2"):
+        qprep.prepare(_ReadsShapes(), torch.randn(2, 5))

@@ -21,7 +21,7 @@ from ..core.guards import Guard
 from ..core.inputs import call_form
 from ..core.provenance import module_scope
 from ..core.records import Change, TraceNote
-from ..core.runtime import clone_tree, forked_rng, preserved_state
+from ..core.runtime import clone_tree, forked_rng, on_meta_device, preserved_state
 from .analysis import branch_note, has_mode_sensitive_calls, mark_training_dependence, may_depend_on_mode, same_structure
 from .dual import share_call_sites, split, union
 from .guards import guard_checks
@@ -134,7 +134,12 @@ def capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capt
 
 
 def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Capture:
-    traced, fixed = trace_specialised(model, config, args)
+    try:
+        traced, fixed = trace_specialised(model, config, args)
+    except TraceError:
+        if args is not None and not on_meta_device(model, [args]):
+            _check_inputs(model, args)  # an example the model itself rejects is the error to report
+        raise
     gm, trace_notes = traced
     if args is not None and traced.failures:
         _check_inputs(model, args)

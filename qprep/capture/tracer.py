@@ -58,7 +58,7 @@ from ..core.guards import CONVERSIONS, Guard, check_guard
 from ..core.graph import constants_out_of_state
 from ..core.provenance import location_text
 from ..core.records import TraceNote
-from ..core.runtime import structure_kept
+from ..core.runtime import plain_object, structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
@@ -280,24 +280,28 @@ class QprepTracer(torch.fx.Tracer):
         patcher.patch(torch._C.__dict__, "_set_grad_enabled", self._grad_mode(set_grad_enabled))  # noqa: SLF001
         self._install_grad_scopes(patcher)
         self._install_autocast(patcher)
-        patcher.patch(torch.__dict__, "is_grad_enabled", self._grad_mode_read(torch.is_grad_enabled))
+        for name in ("is_grad_enabled", "is_autocast_enabled"):
+            patcher.patch(torch.__dict__, name, self._mode_read(getattr(torch, name)))
 
-    def _grad_mode_read(self, original):
-        """``torch.is_grad_enabled()`` read by the model's own code answers the trace's mode
-        and guards it: a prepared model called in the other mode is refused, as the code may
-        have branched on it. torch's own reads (kernel choices, such as the attention fast
-        path) are not guarded."""
-        def is_grad_enabled():
-            mode = original()
+    def _mode_read(self, original):
+        """``torch.is_grad_enabled()`` / ``torch.is_autocast_enabled(device_type)`` read by
+        the model's own code answer the trace's mode and guard it: a prepared model called in
+        another mode is refused, as the code may have branched on it (Hugging Face's
+        ``maybe_autocast``). A traced argument (``x.device.type``) is the example's, guarded.
+        torch's own reads (kernel choices, such as the attention fast path) are not guarded."""
+        def read(*args):
             caller = sys._getframe(1).f_code.co_filename  # noqa: SLF001
-            if self.recording() and not os.path.abspath(caller).startswith(
+            if not self.recording() or os.path.abspath(caller).startswith(
                     (os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))):
-                node = self.create_proxy("call_function", original, (), {}).node
-                location, code = _here(1)
-                self.guards.record(node, "value", mode, location, code)
+                return original(*args)
+            args = tuple(self.concrete(a, "value") if isinstance(a, torch.fx.Proxy) else a for a in args)
+            mode = original(*args)
+            node = self.create_proxy("call_function", original, args, {}).node
+            location, code = _here(1)
+            self.guards.record(node, "value", mode, location, code)
             return mode
 
-        return is_grad_enabled
+        return read
 
     def _grad_mode(self, original):
         """``with torch.no_grad():`` in a traced ``forward`` switches grad mode when the
@@ -908,10 +912,11 @@ def _module_output(node: torch.fx.Node) -> bool:
 
 
 def _reads(node: torch.fx.Node) -> bool:
-    """Whether ``node`` reads an element or attribute (its ``None`` is the example's ``None``)."""
+    """Whether ``node`` reads an element or attribute, or calls a method of an object (a
+    cache's ``get_linear_cache(i)``): its ``None`` is the example's ``None``."""
     if node.op == "call_function":
         return node.target in _READS
-    return node.op == "call_method" and node.target == "get"
+    return node.op == "call_method" and (node.target == "get" or plain_object(value_of(node.args[0])))
 
 
 def _is_proxy(value: Any) -> bool:

@@ -10,10 +10,11 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .inputs import Arguments
+from .inputs import Arguments, keywords_of
+from .template import tree_any
 
 __all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_object", "map_tensors", "seeded", "structure_kept",
-           "shallow_copy"]
+           "shallow_copy", "on_meta_device"]
 
 
 @contextlib.contextmanager
@@ -121,6 +122,15 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[
             out[k] = map_tensors(v, fn, other)
         return out
     return other(value) if other is not None else value
+
+
+def on_meta_device(model: nn.Module, examples: list) -> bool:
+    """Whether a parameter, buffer or example tensor (of ``examples``, argument tuples) is on
+    the meta device."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return True
+    return any(tree_any((ex, keywords_of(ex)), lambda v: isinstance(v, torch.Tensor) and v.is_meta)
+               for ex in examples)
 
 
 def clone_tree(value: Any) -> Any:

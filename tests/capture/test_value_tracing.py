@@ -526,6 +526,65 @@ def test_a_branch_on_the_grad_mode_is_guarded():
         prepared(torch.randn(2, 5, 16))
 
 
+class _MaybeAutocast(nn.Module):
+    """Hugging Face's ``maybe_autocast`` (Nemotron's norm): autocast off only if it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.fc(x.float())
+        return self.fc(x)
+
+
+def test_a_branch_on_the_autocast_state_is_guarded():
+    model, x = _MaybeAutocast().eval(), torch.randn(3, 4)
+    gm = qprep.prepare(model, x)
+    assert "is_autocast_enabled('cpu') == False" in guards(gm)
+    assert torch.equal(gm(x), model(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(GuardError, match="is_autocast_enabled"):
+        gm(x)  # the original would switch autocast off here: refused, not computed in bfloat16
+
+
+class _Store:
+    """A user state object (as a linear-attention cache): a method returns ``None`` when empty."""
+
+    def __init__(self):
+        self.saved = {}
+
+    def lookup(self, key):
+        return self.saved.get(key)
+
+    def save(self, key, value):
+        self.saved[key] = value
+
+
+class _UsesStore(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, store):
+        previous = store.lookup("h")
+        h = self.fc(x) if previous is None else self.fc(x) + previous
+        store.save("h", h)
+        return h
+
+
+def test_an_object_method_that_returns_none_takes_the_examples_branch_with_a_guard():
+    model, x = _UsesStore().eval(), torch.randn(2, 4)
+    gm = qprep.prepare(model, (x, _Store()))
+    assert torch.equal(gm(x, _Store()), model(x, _Store()))
+    filled = _Store()
+    filled.save("h", torch.ones(2, 4))
+    with pytest.raises(GuardError, match="is None"):
+        gm(x, filled)  # the original adds the saved value: refused, not computed without it
+
+
 class _RelativeIndices(nn.Module):
     """timm's ConViT: a buffer kept out of the state_dict re-made when the length changes."""
 
