@@ -13,7 +13,9 @@ module tree is mostly made of:
 * plain dicts, ``OrderedDict`` (the hook tables), lists and tuples: copied item by item,
   memoised as ``copy.deepcopy`` memoises them;
 * a plain ``nn.Parameter``: as ``Parameter.__deepcopy__`` copies it;
-* immutable constants: kept.
+* immutable constants: kept;
+* a tensor that autograd made (not a leaf: a recurrent state a forward left on a module),
+  which ``copy.deepcopy`` refuses: a detached clone (the copy has no autograd history).
 
 Everything else (tensors, which keep their storage sharing, any other object) goes through
 ``copy.deepcopy`` with the same memo.
@@ -101,6 +103,10 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
         out_param = nn.Parameter(value.data.clone(memory_format=torch.preserve_format), value.requires_grad)
         memo[id(value)] = out_param
         return out_param
+    if cls is torch.Tensor and value.grad_fn is not None:
+        out_tensor = value.detach().clone(memory_format=torch.preserve_format)
+        memo[id(value)] = out_tensor
+        return out_tensor
     if isinstance(value, nn.Module) and _default_protocol(cls):
         state = value.__getstate__()
         if not isinstance(state, dict):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import qprep
 from qprep.core.copying import deepcopy_module
 from tests.models import Aliasing, ReusedBlock, SharedConv
 
@@ -156,3 +157,17 @@ def test_hooks_are_bound_to_the_copy():
     assert model.log == [] and copied.log == [1, torch.Size([1, 4, 3, 3])]
     assert copied.tied_again.weight is copied.tied.weight is copied.pair[0]
     assert copied.first.untyped_storage().data_ptr() == copied.second.untyped_storage().data_ptr()
+
+
+def test_a_tensor_autograd_made_is_copied_detached():
+    """copy.deepcopy refuses a non-leaf tensor (a recurrent state a forward left on a module);
+    the copy holds a detached clone, so the model can still be prepared without inplace=True."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.state = model[0](torch.randn(2, 4))  # has a grad_fn
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(model)
+    copied = deepcopy_module(model)
+    assert copied.state.grad_fn is None and not copied.state.requires_grad
+    assert torch.equal(copied.state, model.state) and copied.state.data_ptr() != model.state.data_ptr()
+    x = torch.randn(3, 4)
+    assert torch.equal(qprep.prepare(model, x)(x), model(x))
