@@ -53,12 +53,21 @@ class GuardRecorder:
         self.guards: list[tuple[torch.fx.Node, Guard]] = []
         self._seen: set = set()
 
-    def record(self, node: torch.fx.Node, how: str, expected: Any, location: str, code: str) -> None:
+    def record(self, node: torch.fx.Node, how: str, expected: Any, location: str, code: str) -> bool:
+        """Record a guard; ``False`` when the same one was recorded before."""
         key = (node, how, repr(expected))
         if key in self._seen:
-            return
+            return False
         self._seen.add(key)
         self.guards.append((node, Guard(node.name, how, expected, describe(node), location, code)))
+        return True
+
+    def drop(self, node: torch.fx.Node, how: str, expected: Any) -> None:
+        """Forget one guard (its value turned out not to be used)."""
+        key = (node, how, repr(expected))
+        self._seen.discard(key)
+        self.guards = [(n, g) for n, g in self.guards if not (n is node and g.how == how
+                                                              and repr(g.expected) == key[2])]
 
     def mark(self) -> int:
         return len(self.guards)

@@ -64,6 +64,9 @@ class QprepProxy(torch.fx.Proxy):
 
     # -- where Python needs a concrete value -----------------------------------------
     def __bool__(self):
+        frame = sys._getframe(1)  # noqa: SLF001
+        if self.tracer.is_assert(frame):
+            return self.tracer.asserted(self, frame)
         return self.tracer.concrete(self, "bool")
 
     def __index__(self):

@@ -46,6 +46,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.utils.rnn as rnn_utils
+from torch.fx.node import map_aggregate
 
 from ..core import meta
 from ..core._compat import (
@@ -205,6 +206,7 @@ class QprepTracer(torch.fx.Tracer):
         self.examples = examples
         self.notes: list[TraceNote] = []
         self._cached: list[tuple[dict, str, Any]] = []  # attributes (or buffers) set to traced caches
+        self._parsed: list = []  # index reads that may be torch's argument parser's (_drop_parsed_guards)
         self.guards = GuardRecorder()
         self.values: Values | None = None
         self._leaf_types = tuple(t for t in self.config.leaf_modules if isinstance(t, type))
@@ -644,6 +646,8 @@ class QprepTracer(torch.fx.Tracer):
         return node
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if self._parsed:
+            self._drop_parsed_guards(args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         if value_of(node) is None and _reads(node):
@@ -711,8 +715,24 @@ class QprepTracer(torch.fx.Tracer):
         value = self._known(proxy, how)
         result = CONVERSIONS[how](value)
         location, code = _here(2)
-        self.guards.record(proxy.node, how, result, location, code)
+        added = self.guards.record(proxy.node, how, result, location, code)
+        if how == "index" and added:  # perhaps torch's argument parser: see _drop_parsed_guards
+            caller = sys._getframe(2)  # noqa: SLF001  (the frame that asked for the index)
+            self._parsed.append((caller, caller.f_lasti, proxy.node, result))
         return result
+
+    def _drop_parsed_guards(self, args: Any, kwargs: Any) -> None:
+        """``torch.reshape(y, [n, -1])``: torch's argument parser reads ``n.__index__()`` to
+        pick an overload, then hands the call, traced size and all, to ``__torch_function__``,
+        which records it. The graph computes with ``n``, not with the example's value, so the
+        guard that read recorded is dropped: one whose reading frame is still at the
+        instruction that made this call, and whose node is an argument of it."""
+        pending, self._parsed = self._parsed, []
+        nodes: set = set()
+        map_aggregate((args, kwargs), lambda v: nodes.add(v.node) if isinstance(v, torch.fx.Proxy) else None)
+        for frame, lasti, node, result in pending:
+            if frame.f_lasti == lasti and node in nodes:
+                self.guards.drop(node, "index", result)
 
     def _known(self, proxy: torch.fx.Proxy, how: str) -> Any:
         node = proxy.node
@@ -770,6 +790,25 @@ class QprepTracer(torch.fx.Tracer):
         location, code = _here(2)
         self.guards.record(proxy.node, "keys", keys, location, code)
         return list(keys)
+
+    @staticmethod
+    def is_assert(frame) -> bool:
+        """Whether ``frame`` is testing an ``assert`` condition."""
+        return _assert_at(frame.f_code, frame.f_lasti)[0]
+
+    def asserted(self, proxy: torch.fx.Proxy, frame) -> bool:
+        """``assert cond`` where ``cond`` is tensor data or unknown on the example (XLM's
+        ``assert lengths.max().item() <= slen``): recorded as ``torch._assert(cond, message)``,
+        as torch.fx rewrites asserts, so the prepared model raises ``AssertionError`` where the
+        original does, and the trace goes on past it. A condition on metadata is guarded as
+        any other ``if``."""
+        value = value_of(proxy.node)
+        if value is not UNKNOWN and not isinstance(value, torch.Tensor):
+            return self.concrete(proxy, "bool")
+        location, code = _here(2)
+        message = _assert_message(frame) or f"assertion failed at {location}: {code}"
+        self.create_proxy("call_function", torch._assert, (proxy, message), {})  # noqa: SLF001
+        return True
 
     def contains(self, proxy: torch.fx.Proxy, item: Any) -> bool:
         """``item in proxy``: recorded, then read as a guarded bool."""
@@ -921,6 +960,26 @@ def _reads(node: torch.fx.Node) -> bool:
 
 def _is_proxy(value: Any) -> bool:
     return isinstance(value, torch.fx.Proxy)
+
+
+@functools.lru_cache(maxsize=None)
+def _assert_at(code, lasti: int) -> tuple[bool, str | None]:
+    """Whether the jump at ``lasti`` in ``code`` is an ``assert``'s (the next instruction
+    loads ``AssertionError``), and its message when it is a constant string."""
+    instructions = list(dis.get_instructions(code))
+    for i, inst in enumerate(instructions[:-1]):
+        if inst.offset == lasti:
+            if "JUMP" not in inst.opname or instructions[i + 1].opname != "LOAD_ASSERTION_ERROR":
+                return False, None
+            after = instructions[i + 2] if i + 2 < len(instructions) else None
+            message = after.argval if after is not None and after.opname == "LOAD_CONST" \
+                and isinstance(after.argval, str) else None
+            return True, message
+    return False, None
+
+
+def _assert_message(frame) -> str | None:
+    return _assert_at(frame.f_code, frame.f_lasti)[1]
 
 
 def _unpacked_count(frame) -> int | None:

@@ -585,6 +585,55 @@ def test_an_object_method_that_returns_none_takes_the_examples_branch_with_a_gua
         gm(x, filled)  # the original adds the saved value: refused, not computed without it
 
 
+class _SizesInTorchCalls(nn.Module):
+    """Traced sizes in the list arguments of torch functions whose argument parser reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = torch.reshape(self.fc(x), [n, -1, 3])
+        return torch.tile(torch.narrow(y, 0, 0, n), (n, 1, 1))
+
+
+class _IndexThenReshape(nn.Module):
+    def forward(self, x):
+        n = x.shape[0]
+        scale = [10.0, 20.0, 30.0][n]  # a real use of the example's value
+        return torch.reshape(x, [n, -1]) * scale
+
+
+def test_sizes_torchs_argument_parser_reads_are_not_guarded():
+    model = _SizesInTorchCalls().eval()
+    gm = qprep.prepare(model, torch.randn(2, 6))
+    assert guards(gm) == []  # the graph computes with the traced size, not the example's 2
+    x5 = torch.randn(5, 6)
+    assert torch.equal(gm(x5), model(x5))
+    indexed = _IndexThenReshape()
+    gm = qprep.prepare(indexed, torch.randn(1, 6))
+    assert guards(gm) == ["x.shape[0] == 1"]  # the list index keeps its guard
+    with pytest.raises(GuardError):
+        gm(torch.randn(2, 6))
+
+
+def test_an_assert_on_tensor_data_is_kept_as_a_runtime_check():
+    from tests.models import Asserts  # not in a test module: pytest rewrites the asserts there
+
+    model = Asserts().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 5, 4), torch.tensor([3, 5])))
+    assert guards(gm) == ["x.dim() == 3 is True"]
+    asserts = [n for n in gm.graph.nodes if n.target is torch._assert]
+    assert len(asserts) == 2 and asserts[0].args[1] == "lengths too long"
+    x, lengths = torch.randn(3, 7, 4), torch.tensor([1, 2, 7])
+    assert torch.equal(gm(x, lengths), model(x, lengths))
+    with pytest.raises(AssertionError, match="lengths too long"):
+        gm(x, torch.tensor([9, 1, 1]))
+    with pytest.raises(AssertionError, match=r"assert \(x > -100\).all\(\)"):
+        gm(torch.full((3, 7, 4), -200.0), lengths)
+
+
 class _RelativeIndices(nn.Module):
     """timm's ConViT: a buffer kept out of the state_dict re-made when the length changes."""
 
