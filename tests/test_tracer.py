@@ -4,6 +4,7 @@ import operator
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -231,3 +232,26 @@ def test_plain_pytest_collects_from_the_repository_root():
     done = subprocess.run([str(script), "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_layers.py"],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+class _ScriptedPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (self.fc(self.scripted(x)) + x).view(x.shape[0], -1)
+
+
+def test_a_torchscript_submodule_is_kept_whole():
+    """Compiled TorchScript has no Python to trace into: it is one module call, and the
+    state_dict keys are the original's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        model = _ScriptedPart().eval()
+    gm = qprep.prepare(model, torch.randn(2, 4))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["scripted", "fc", "add"]
+    assert list(gm.state_dict()) == list(model.state_dict())
+    x = torch.randn(5, 4)
+    assert torch.equal(gm(x), model(x))

@@ -821,6 +821,8 @@ class QprepTracer(torch.fx.Tracer):
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
+        if isinstance(m, torch.jit.ScriptModule):  # compiled TorchScript: no Python to trace into
+            return True
         if isinstance(m, _CONTAINERS):
             return False
         if isinstance(m, MODULE_TYPES):

@@ -72,16 +72,16 @@ def restore_missing_state(original: nn.Module, prepared: nn.Module) -> list[str]
         path = key.split(".")
         target, source = prepared, original
         for i, part in enumerate(path[:-1]):
-            child = source._modules.get(part)
+            child = dict(source.named_children()).get(part)  # a ScriptModule's _modules has no get()
             if child is None:
                 break
-            if part not in target._modules:
+            if part not in dict(target.named_children()):
                 setattr(target, part, child)  # the whole original submodule, same object
                 name = ".".join(path[: i + 1])
                 attached.append(name)
                 have.update(f"{name}.{k}" for k in child.state_dict(keep_vars=True))
                 break
-            target, source = target._modules[part], child
+            target, source = dict(target.named_children())[part], child
         else:
             if isinstance(value, nn.Parameter):
                 target.register_parameter(path[-1], value)
