@@ -255,3 +255,72 @@ def test_a_torchscript_submodule_is_kept_whole():
     assert list(gm.state_dict()) == list(model.state_dict())
     x = torch.randn(5, 4)
     assert torch.equal(gm(x), model(x))
+
+
+class _RoundSTE(torch.autograd.Function):
+    """A straight-through estimator: round forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha):
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad * ctx.alpha, None
+
+
+class _CustomGradients(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _RoundSTE.apply(_ReverseGrad.apply(self.fc(x), 0.5)) * 2
+
+
+def test_a_users_autograd_function_is_one_call_and_keeps_its_backward():
+    """Traced into, the Functions' forwards would be plain ops: equal outputs, but the
+    straight-through and reversed gradients lost. Recorded whole, gradients are equal too."""
+    from tests.models import compute_ops_outside_modules
+
+    model = _CustomGradients().train()
+    gm = qprep.prepare(model, torch.randn(2, 4))
+    calls = [m for m in gm.modules() if isinstance(m, qprep.modules.Functional)]
+    assert len(calls) == 2 and compute_ops_outside_modules(gm) == []
+    result = qprep.verify(model, gm, torch.randn(3, 4), grad=True)
+    assert result.equal and result.grads and all(g.equal for g in result.grads), result.table()
+    assert _RoundSTE.apply(torch.tensor([0.4])).item() == 0.0  # Function.apply is torch's own again
+
+
+class _HalvesItsGradient(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.requires_grad:
+            y.register_hook(lambda grad: grad * 0.5)
+        return y.relu()
+
+
+def test_a_branch_on_requires_grad_is_verified_in_the_callers_grad_mode():
+    """``y.requires_grad`` of a computed tensor follows the grad mode: verification runs such a
+    model with gradients on (as prepared), and the tensor hook halves both models' gradients."""
+    model = _HalvesItsGradient().train()
+    gm = qprep.prepare(model, torch.randn(2, 4))
+    result = qprep.verify(model, gm, torch.randn(3, 4), grad=True)
+    assert result.equal and result.grads, result.table()
+    with torch.no_grad(), pytest.raises(qprep.GuardError, match="requires_grad"):
+        gm(torch.randn(3, 4))

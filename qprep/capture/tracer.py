@@ -50,8 +50,8 @@ from torch.fx.node import map_aggregate
 
 from ..core import meta
 from ..core._compat import (
-    enter_autocast, exit_autocast, graph_module, last_node, mha_fastpath, new_patcher, set_grad_enabled,
-    switch_grad_mode, wrapped_function_registry,
+    apply_autograd_function, enter_autocast, exit_autocast, graph_module, last_node, mha_fastpath, new_patcher,
+    patch_class_attribute, set_grad_enabled, switch_grad_mode, wrapped_function_registry,
 )
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
@@ -284,6 +284,22 @@ class QprepTracer(torch.fx.Tracer):
         self._install_autocast(patcher)
         for name in ("is_grad_enabled", "is_autocast_enabled"):
             patcher.patch(torch.__dict__, name, self._mode_read(getattr(torch, name)))
+        patch_class_attribute(patcher, torch.autograd.Function, "apply", classmethod(self._function_apply()))
+
+    def _function_apply(self):
+        """``MyFunction.apply(x)`` of a user's ``torch.autograd.Function`` on traced values is
+        recorded as one call (:func:`apply_autograd_function`), not traced into: tracing into
+        its ``forward`` would drop its ``backward`` (a straight-through estimator's gradient).
+        torch's own Functions (checkpointing) are traced into as before."""
+        descriptor = torch.autograd.Function.__dict__["apply"]
+
+        def apply(cls, *args, **kwargs):
+            if self.recording() and not cls.__module__.startswith("torch.") \
+                    and tree_any((args, kwargs), _is_proxy):
+                return self.create_proxy("call_function", apply_autograd_function, (cls, *args), kwargs)
+            return descriptor.__get__(None, cls)(*args, **kwargs)
+
+        return apply
 
     def _mode_read(self, original):
         """``torch.is_grad_enabled()`` / ``torch.is_autocast_enabled(device_type)`` read by

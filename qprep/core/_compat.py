@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.fx
@@ -19,8 +19,9 @@ __all__ = [
     "last_node", "boolean_dispatch_parts", "rename_like_fx", "has_call_hooks", "plain_calls_allowed", "call_is_plain",
     "forward_from_source", "add_deepcopy_hook", "profiler_metadata_enabled", "global_hook_dicts",
     "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "mha_fastpath", "assert_is_none",
-    "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "wrapped_function_registry",
-    "autowrap_search", "set_grad_enabled", "switch_grad_mode", "enter_autocast", "exit_autocast",
+    "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "patch_class_attribute",
+    "wrapped_function_registry",
+    "autowrap_search", "set_grad_enabled", "switch_grad_mode", "apply_autograd_function", "enter_autocast", "exit_autocast",
     "has_forward_pre_hooks", "graph_module",
 ]
 
@@ -36,6 +37,13 @@ def switch_grad_mode(mode: bool) -> bool:
     previous = torch.is_grad_enabled()
     set_grad_enabled(mode)
     return previous
+
+
+def apply_autograd_function(function: type, *args: Any, **kwargs: Any) -> Any:
+    """``function.apply(*args, **kwargs)``: a user's ``torch.autograd.Function`` (a
+    straight-through estimator, a gradient reversal) called as one op, so its own
+    ``backward`` computes the gradients (fx cannot name ``function.apply`` in code)."""
+    return function.apply(*args, **kwargs)
 
 
 #: What ``with torch.autocast(...)`` records in a graph (torch.export records the same calls).
@@ -86,6 +94,15 @@ def new_patcher():
     """torch.fx's patcher: shadows names in a namespace (a module's globals) and restores
     them on exit."""
     return _fx_trace._Patcher()  # noqa: SLF001
+
+
+def patch_class_attribute(patcher, cls: type, name: str, new: Any) -> None:
+    """Set ``cls.name`` to ``new`` until ``patcher`` exits, restoring the class's own entry
+    (a descriptor, such as ``Function.apply``'s classmethod; fx's ``patch_method`` would put
+    back the bound method it read, which binds every subclass to ``cls``)."""
+    patch = _fx_trace._PatchedFnSetAttr(cls, name, cls.__dict__[name], new)  # noqa: SLF001
+    patcher.patches_made.append(patch)
+    patch.patch()
 
 
 def wrapped_function_registry() -> dict:

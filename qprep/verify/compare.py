@@ -242,10 +242,11 @@ def _run(model: nn.Module, args: tuple, seed: int, params: list | None,
 
 
 def reads_grad_mode(model: nn.Module) -> bool:
-    """Whether ``model`` (prepared) was specialised on ``torch.is_grad_enabled()``: then it is
-    compared in the grad mode it is called in, not without gradients."""
+    """Whether ``model`` (prepared) was specialised on ``torch.is_grad_enabled()`` or on a
+    ``.requires_grad`` (which the grad mode decides for computed tensors): then it is compared
+    in the grad mode it is called in, not without gradients."""
     guards = meta.graph_fact(model, meta.GUARDS) if isinstance(model, torch.fx.GraphModule) else None
-    return any(g.expression == "is_grad_enabled()" for g in guards or ())
+    return any(g.expression == "is_grad_enabled()" or g.expression.endswith(".requires_grad") for g in guards or ())
 
 
 def _shared_params(original: nn.Module, prepared: nn.Module) -> tuple[list, list]:
