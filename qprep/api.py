@@ -30,6 +30,7 @@ from .core.runtime import clone_tree, forked_rng, on_meta_device, preserved_stat
 from .passes import run_pipeline
 from .report import Report, preparation_of, report_format, snapshot
 from .verify import VerifyResult, verify_outputs
+from .verify.compare import backward_runs
 
 __all__ = ["prepare", "verify", "diff", "replay_passes", "load_weights"]
 
@@ -181,12 +182,12 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
         meta.set_graph_facts(gm, **{meta.GUARDS: captured.guards})
     if check and args is not None and not on_meta:
         call = with_concrete(model, args, config.concrete_args)
-        result = verify(model, gm, call)
+        result = _verify_trained(model, gm, call, model.training)
         if result.equal and captured.dual:  # the other mode's graph too
-            result = verify(model, gm, call, train=not model.training)
+            result = _verify_trained(model, gm, call, not model.training)
         for other in more:  # every example, each through the graph its guards choose
             if result.equal:
-                result = verify(model, gm, with_concrete(model, other, config.concrete_args))
+                result = _verify_trained(model, gm, with_concrete(model, other, config.concrete_args), model.training)
         _warn_if_inconclusive(result)
         preparation = preparation.verified(result)
         meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
@@ -217,6 +218,20 @@ def load_weights(prepared: nn.Module, source: nn.Module, device: torch.device | 
             if name in mine:
                 mine[name].copy_(buffer)
     return prepared
+
+
+def _verify_trained(model: nn.Module, gm: nn.Module, call: tuple, train: bool) -> VerifyResult:
+    """:func:`verify` in mode ``train``; in train mode the gradients too (a model prepared for
+    training is trained: a custom backward lost would leave outputs equal and gradients not).
+    Where a backward fails (a Function without one), outputs only, as in eval mode."""
+    if not train:
+        return verify(model, gm, call, train=False)
+    try:
+        return verify(model, gm, call, train=True, grad=True)
+    except Exception:  # noqa: BLE001
+        if backward_runs(model, as_positional(call, model)):
+            raise  # the prepared model's backward failed where the original's runs
+        return verify(model, gm, call, train=True)
 
 
 def _call_signature(read, model: nn.Module, prepared: torch.fx.GraphModule, args: tuple) -> dict:

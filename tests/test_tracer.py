@@ -324,3 +324,51 @@ def test_a_branch_on_requires_grad_is_verified_in_the_callers_grad_mode():
     assert result.equal and result.grads, result.table()
     with torch.no_grad(), pytest.raises(qprep.GuardError, match="requires_grad"):
         gm(torch.randn(3, 4))
+
+
+class _RoundWithoutGradient(nn.Module):
+    """A user's replacement for torch.round: the same values, but a straight-through
+    gradient where torch.round's is zero."""
+
+    def forward(self, x):
+        return _RoundSTE.apply(x)
+
+
+class _Rounds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.round(self.fc(x)) * 2
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("inference only")
+
+
+class _InferenceOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _NoBackward.apply(self.fc(x))
+
+
+def test_a_model_prepared_in_train_mode_is_verified_with_its_gradients():
+    """Equal outputs with other gradients are refused in train mode (the model is to be
+    trained), accepted in eval mode; a model whose own backward fails is compared on outputs."""
+    options = {"op_modules": {torch.round: _RoundWithoutGradient}}
+    x = torch.randn(2, 4)
+    with pytest.raises(qprep.NotEquivalentError, match="grad"):
+        qprep.prepare(_Rounds().train(), x, **options)
+    qprep.prepare(_Rounds().eval(), x, **options)
+    model = _InferenceOnly().train()
+    assert torch.equal(qprep.prepare(model, x)(x), model(x))

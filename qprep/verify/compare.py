@@ -241,6 +241,19 @@ def _run(model: nn.Module, args: tuple, seed: int, params: list | None,
     return out, list(torch.autograd.grad(total, wrt + params, allow_unused=True))
 
 
+def backward_runs(model: nn.Module, args: tuple, seed: int = 0) -> bool:
+    """Whether ``model``'s forward and the backward that ``verify(grad=True)`` takes (w.r.t.
+    the floating-point inputs and the parameters) run on ``args``, in train mode; state kept."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        with preserved_state(model), _modes_kept(model):
+            model.train()
+            _run(model, args, seed, params)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
 def reads_grad_mode(model: nn.Module) -> bool:
     """Whether ``model`` (prepared) was specialised on ``torch.is_grad_enabled()`` or on a
     ``.requires_grad`` (which the grad mode decides for computed tensors): then it is compared
