@@ -388,3 +388,21 @@ def test_config_object_and_options_combine():
         qprep.prepare(DistillerBlock(), config={"strict": True})
     with pytest.raises(qprep.InputError, match="on_untraceable"):
         qprep.prepare(DistillerBlock(), on_untraceable="ignore")
+
+
+class _UnusedAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4))
+        self.block_alias = self.block  # a second name, never called
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_an_uncalled_second_name_of_a_module_keeps_its_state_dict_keys():
+    model = _UnusedAlias()
+    gm = qprep.prepare(model, torch.randn(2, 4))
+    assert list(gm.state_dict()) == list(model.state_dict())
+    assert gm.block_alias is gm.block

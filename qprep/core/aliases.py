@@ -72,16 +72,16 @@ def restore_missing_state(original: nn.Module, prepared: nn.Module) -> list[str]
         path = key.split(".")
         target, source = prepared, original
         for i, part in enumerate(path[:-1]):
-            child = dict(source.named_children()).get(part)  # a ScriptModule's _modules has no get()
+            child = _child(source, part)
             if child is None:
                 break
-            if part not in dict(target.named_children()):
+            if _child(target, part) is None:
                 setattr(target, part, child)  # the whole original submodule, same object
                 name = ".".join(path[: i + 1])
                 attached.append(name)
                 have.update(f"{name}.{k}" for k in child.state_dict(keep_vars=True))
                 break
-            target, source = dict(target.named_children())[part], child
+            target, source = _child(target, part), child
         else:
             if isinstance(value, nn.Parameter):
                 target.register_parameter(path[-1], value)
@@ -90,6 +90,13 @@ def restore_missing_state(original: nn.Module, prepared: nn.Module) -> list[str]
             attached.append(key)
             have.add(key)
     return attached
+
+
+def _child(module: nn.Module, name: str) -> nn.Module | None:
+    """``module``'s submodule registered as ``name`` (an alias of another one included), or
+    ``None``; a ScriptModule's ``_modules`` is a mapping without ``get()``."""
+    modules = module._modules  # noqa: SLF001
+    return modules[name] if name in modules else None
 
 
 def match_order(original: nn.Module, prepared: nn.Module) -> None:
