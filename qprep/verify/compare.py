@@ -116,6 +116,10 @@ class VerifyResult:
         lines = [text, f"verdict: {'EQUIVALENT' if self.equal else 'NOT EQUIVALENT'} ({self.mode} mode, {self.reference})"]
         if self.kernel_diff is not None:
             lines.append(f"default fused kernels differ by {fmt_float(self.kernel_diff)} (bound {fmt_float(self.kernel_bound)})")
+            if math.isinf(self.kernel_diff):
+                lines.append("  NaN or inf on one kernel where the other gives numbers (CPU flash attention turns a "
+                             "query row holding NaN into zeros): no bound holds; the prepared model computes the "
+                             "unfused kernel bitwise")
             if self.kernel_local:
                 lines.append(f"  {self.kernel_local}")
         if self.first_bad_pass:

@@ -63,7 +63,7 @@ FEATURES = frozenset({
     "recurrent", "attention", "transformer", "embedding", "training_branch", "training_constant",
     "dropout_not_training", "inplace_alpha_dropout", "inplace_attribute", "default_container", "default_callable",
     "buffer_update", "buffer_assign", "grad_mode", "tensor_constant", "channels_last", "keyword_args",
-    "call_spelling", "helper_function", "leaf_fallback", "leaf_attribute", "attribute_arg",
+    "call_spelling", "helper_function", "autograd_function", "runtime_assert", "leaf_fallback", "leaf_attribute", "attribute_arg",
     "container_in", "unpack_in", "dict_in", "none_in", "default_arg", "ids_in",
     "container_out", "namedtuple_out", "nested_out", "int_out", "none_out", "input_out", "return_types_out",
     *UNTRACEABLE_FEATURES,
@@ -129,6 +129,16 @@ def residual_norm(z, w):
     h = z + w
     h /= h.norm(dim=-1, keepdim=True) + 1.0
     return h
+''',
+    "RoundSTE": '''
+class RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        return torch.round(z * 4.0) / 4.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
 ''',
     "ShapeGate": '''
 class ShapeGate(nn.Module):
@@ -1287,8 +1297,16 @@ class _Builder:
                 (f"{t} = functools.reduce(operator.add, [{v}, {w}, {v}])",),
                 (f"{t} = operator.mul({v}, {w})",), (f"{t} = operator.iadd({v}.clone(), {w})",),
                 (f"{t} = torch.stack([{v} * i for i in range(3)]).sum(0)",),
+                (f"{t} = torch.reshape({v}, [{v}.shape[0], -1]).reshape({v}.shape) * 2.0",),
             ])
             return _Candidate(lines, {"call_spelling"}, (t,))
+        if kind == 2 and self.rng.random() < 0.3 and self.ok("autograd_function", "runtime_assert"):
+            # a custom backward (a straight-through estimator), or an assert on tensor data
+            if self.rng.random() < 0.5:
+                self.helper("RoundSTE")
+                return _Candidate((f"{t} = RoundSTE.apply({v})",), {"autograd_function"}, (t,))
+            return _Candidate((f'assert torch.isfinite({v}).all(), "not finite"', f"{t} = {v} * 1.5"),
+                              {"runtime_assert"}, (t,))
         if kind == 2 and self.ok("helper_function"):
             fn = self.choice(["gelu_gate", "residual_norm"])
             self.helper(fn)

@@ -19,7 +19,9 @@ An ``equal`` outcome may carry *signatures*: departures that are not wrong numbe
 that the fuzz test accepts only while their finding is listed as known:
 
 * ``kernel_bound``: bitwise equal on the unfused kernels, but the fused ones (oneDNN RNNs,
-  the attention fast path) differ at the outputs by more than qprep's documented bound;
+  the attention fast path) differ at the outputs by more than qprep's documented bound
+  (where they differ on non-finite values, NaN against numbers, no bound holds and
+  ``prepare`` refuses: the outcome is ``refused``);
 * ``state_dict_order``: the prepared model's ``state_dict`` has the original's keys in
   another order.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -214,6 +217,11 @@ def _compare(original, prepared, inputs, train: bool, stage: str, guard: type | 
     if not result.equal:
         if result.kernel_diff is None:
             return Outcome(FAILURE, stage, "MISMATCH (qprep.verify):\n" + result.table())
+        if math.isinf(result.kernel_diff):  # bitwise the unfused kernel, which gives NaN where the fused one
+            # gives numbers (CPU flash attention turns a query row with NaN into zeros): no bound
+            # holds, so prepare(check=True) refuses the model; a refusal, not a wrong number
+            return Outcome(REFUSED, stage, "NotEquivalentError: the fused kernel treats non-finite values unlike "
+                                           "the unfused one\n" + result.table())
         # equal on the unfused kernels (verify checked), over the bound on the fused ones
         notes.signatures["kernel_bound"] = f"{stage}:\n{result.table()}"
     # verify compares models with fused kernels (oneDNN RNNs, the attention fast path) on
