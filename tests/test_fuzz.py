@@ -447,6 +447,35 @@ def test_f4_a_fused_kernel_is_bounded_on_its_own_inputs(monkeypatch):
     assert not result.equal and result.kernel_local is None, result.table()
 
 
+class _AmplifiedFunctionalAttention(nn.Module):
+    """Functional SDPA (as Hugging Face and timm call it: no module hook sees it), then the
+    same amplifying ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        for _ in range(3):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+            x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return torch.pow(x.abs(), (x * 40).tanh() * 8)
+
+
+def test_f4_a_functional_attention_kernel_is_bounded_on_its_own_inputs(monkeypatch):
+    torch.manual_seed(0)
+    model = _AmplifiedFunctionalAttention().eval()
+    x = torch.randn(3, 5, 8)
+    gm = qprep.prepare(model, (x,))
+    result = qprep.verify(model, gm, (x,))
+    # amplified past the bound on the outputs; each of the 3 calls is within it on its own inputs
+    assert result.equal and result.kernel_diff > result.kernel_bound, result.table()
+    assert "each of the 3 fused kernel call(s)" in result.kernel_local, result.table()
+    monkeypatch.setitem(KERNEL_BOUNDS, "attention (fast path)", 1e-12)
+    result = qprep.verify(model, gm, (x,))
+    assert not result.equal and result.kernel_local is None, result.table()
+
+
 class _RebindsBuffer(nn.Module):
     def __init__(self):
         super().__init__()

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from tabulate import tabulate
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -392,21 +393,37 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
                         kernel_diff=diff, kernel_bound=bound, grads=grads, kernel_local=local)
 
 
+class _RecordAttention(torch.overrides.TorchFunctionMode):
+    """Records each ``F.scaled_dot_product_attention`` call (a Hugging Face or timm model's
+    functional attention, which no module hook sees): its inputs and the RNG state."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((func, clone_tree(args), clone_tree(kwargs), torch.get_rng_state()))
+        return func(*args, **kwargs)
+
+
 def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) -> str | None:
-    """Each call of a fused module of ``original`` (nn.LSTM, nn.MultiheadAttention, ...) run
-    again on the very inputs it got, with its default (fused) kernel against the native one:
-    a description when every such call is within :data:`KERNEL_BOUNDS` of its own outputs,
-    ``None`` when one is not (or no fused call can be measured: a functional SDPA call)."""
+    """Each call of a fused kernel of ``original`` (an ``nn.LSTM``, ``nn.MultiheadAttention``,
+    ... module, or a functional ``scaled_dot_product_attention``) run again on the very inputs
+    it got, with its default (fused) kernel against the native one: a description when every
+    such call is within :data:`KERNEL_BOUNDS` of its own outputs, ``None`` when one is not (or
+    there is no such call)."""
     fused = [m for m in original.modules() if isinstance(m, _RECURRENT + _ATTENTION)]
     outermost = [m for m in fused if not any(m is not o and any(c is m for c in o.modules()) for o in fused)]
-    calls: list[tuple[nn.Module, tuple, dict, torch.Tensor]] = []
+    calls: list[tuple[Any, tuple, dict, torch.Tensor]] = []
 
     def record(module, positional, keywords):
         calls.append((module, clone_tree(positional), clone_tree(keywords), torch.get_rng_state()))
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in outermost]
     try:
-        with preserved_state(original), native_kernels():
+        with preserved_state(original), native_kernels(), _RecordAttention(calls):
             _run(original, args, seed, None)
     finally:
         for handle in handles:
@@ -414,14 +431,14 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
     if not calls:
         return None
     worst = 0.0
-    for module, positional, keywords, rng in calls:
+    for kernel, positional, keywords, rng in calls:
         outputs = []
         for kernels in (native_kernels, contextlib.nullcontext):
             with preserved_state(original), seeded(seed), torch.no_grad(), kernels():
                 torch.set_rng_state(rng)
-                outputs.append(module(*clone_tree(positional), **clone_tree(keywords)))
+                outputs.append(kernel(*clone_tree(positional), **clone_tree(keywords)))
         checks = compare(outputs[1], outputs[0])
-        family = "recurrent (oneDNN)" if isinstance(module, _RECURRENT) else "attention (fast path)"
+        family = "recurrent (oneDNN)" if isinstance(kernel, _RECURRENT) else "attention (fast path)"
         local_bound = KERNEL_BOUNDS[family] * max(1.0, _largest(checks))
         local_diff = max((c.max_abs_diff for c in checks), default=0.0)
         if not local_diff <= local_bound:
