@@ -39,12 +39,39 @@ def _working_copy(model: nn.Module, inplace: bool) -> nn.Module:
     if inplace:
         return model
     try:
-        return deepcopy_module(model)
+        work = deepcopy_module(model)
     except Exception as exc:  # noqa: BLE001
         raise InputError(
             f"cannot copy {type(model).__name__} ({type(exc).__name__}: {exc}); "
             "pass inplace=True to prepare it without a copy"
         ) from exc
+    _same_modes(model, work)
+    return work
+
+
+def _scope_modes(model: nn.Module, gm: nn.Module) -> None:
+    """Each module ``gm`` made (the containers fx makes for module paths, the passes'
+    wrappers) in the mode of the original module at its path, or of the one it sits in."""
+    flags = {name: m.training for name, m in model.named_modules()}
+    shared = {id(m) for m in model.modules()}
+    for name, m in gm.named_modules():
+        if not name or id(m) in shared:
+            continue
+        scope = name
+        while scope and scope not in flags:
+            scope = scope.rpartition(".")[0]
+        m.training = flags.get(scope, model.training)
+
+
+def _same_modes(model: nn.Module, work: nn.Module) -> None:
+    """Give ``work`` (a copy of ``model``) each of ``model``'s ``training`` flags: a class's
+    own ``__deepcopy__`` may not keep them (torchvision's feature-extraction
+    ``DualGraphModule`` comes back in train mode, BatchNorm and all). The root goes through
+    ``.train()``, which such a class overrides to switch its graph."""
+    if work.training != model.training:
+        work.train(model.training)
+    for original, copied in zip(model.modules(), work.modules()):
+        copied.training = original.training
 
 
 def _config(config: PrepareConfig | None, options: dict) -> PrepareConfig:
@@ -109,6 +136,10 @@ def prepare(
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"qprep.prepare() takes a torch.nn.Module, got {type(model).__name__}")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise InputError("qprep.prepare() got a torch.compile() wrapper, which runs through dynamo and has no "
+                         "forward of its own to trace: prepare the module it compiles (model._orig_mod), and "
+                         "compile the prepared model if you like")
     config = _config(config, options)
     args = None if example_inputs is None else as_positional(example_inputs, model)
     if args is not None:
@@ -161,6 +192,7 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
     match_order(work, gm)
     match_persistence(work, gm)
     gm.training = model.training
+    _scope_modes(model, gm)
     if not isinstance(gm, VariantGraphModule):
         install_fast_forward(gm)
     on_meta = args is not None and on_meta_device(work, [args, *more])

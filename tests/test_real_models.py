@@ -60,3 +60,21 @@ def test_torchvision_segmentation_keeps_its_ordered_dict(name):
     assert type(gm(x)) is type(model(x))
     result = qprep.verify(model, gm, x)
     assert result.equal, result.table()
+
+
+def test_torchvision_feature_extractor_keeps_its_modes():
+    """create_feature_extractor's DualGraphModule deep-copies into train mode (its own
+    __deepcopy__): the copy qprep prepares gets the original's modes back, so BatchNorm uses
+    its running statistics as in the original."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    extractor = create_feature_extractor(model, return_nodes={"layer3": "mid", "layer4": "feat"})
+    gm = qprep.prepare(extractor, torch.randn(1, 3, 64, 64))
+    assert not any(m.training for m in gm.modules())  # fx's path containers and qprep's wrappers too
+    assert qprep.verify(extractor, gm, torch.randn(2, 3, 64, 64)).equal
+    model.train()
+    model.layer1.eval()  # a frozen part inside a training model
+    gm = qprep.prepare(model, torch.randn(2, 3, 64, 64))
+    assert {n for n, m in gm.named_modules() if n and not m.training and "." not in n} == {"layer1"}

@@ -372,3 +372,23 @@ def test_a_model_prepared_in_train_mode_is_verified_with_its_gradients():
     qprep.prepare(_Rounds().eval(), x, **options)
     model = _InferenceOnly().train()
     assert torch.equal(qprep.prepare(model, x)(x), model(x))
+
+
+class _CompiledPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torch.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), backend="eager")
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.block(x)) + x
+
+
+def test_a_compiled_submodule_is_traced_as_the_module_it_compiles():
+    model = _CompiledPart()
+    gm = qprep.prepare(model, torch.randn(2, 4))  # fx traces the module torch.compile wraps
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == [
+        "block._orig_mod.0", "block._orig_mod.1", "fc", "add"]
+    assert list(gm.state_dict()) == list(model.state_dict())
+    with pytest.raises(qprep.InputError, match=r"torch.compile\(\) wrapper.*model._orig_mod"):
+        qprep.prepare(torch.compile(model, backend="eager"), torch.randn(2, 4))

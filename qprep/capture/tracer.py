@@ -855,6 +855,9 @@ class QprepTracer(torch.fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if not self.recording():
             return forward(*args, **kwargs)
+        inner = _compiled_module(m)
+        if inner is not None:  # `self.block = torch.compile(block)`: the module it compiles, traced as such
+            return self.call_module(inner, inner.forward, args, kwargs)
         name = self._installed_path(m)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
@@ -978,6 +981,13 @@ def _reads(node: torch.fx.Node) -> bool:
 
 def _is_proxy(value: Any) -> bool:
     return isinstance(value, torch.fx.Proxy)
+
+
+def _compiled_module(m: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper (dynamo's ``OptimizedModule``) runs, or ``None``."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(dynamo, "OptimizedModule", None)
+    return m._orig_mod if optimized is not None and isinstance(m, optimized) else None  # noqa: SLF001
 
 
 @functools.lru_cache(maxsize=None)
