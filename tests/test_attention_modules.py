@@ -411,3 +411,24 @@ def test_exported_from_qprep_modules():
 
     assert qprep.modules.ModularMultiheadAttention is ModularMultiheadAttention
     assert {"ModularMultiheadAttention", "SlicedLinear", "SafeSoftmax"} <= set(qprep.modules.__all__)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_attention_is_the_math_kernels(dtype):
+    """SDPA's math kernel computes half and bfloat16 attention in float32 and casts back:
+    so do ScaledDotProductAttention and the need_weights=False path; a prepared encoder layer
+    is bitwise the unfused kernels and within the precision-scaled bound of the fused ones."""
+    import qprep
+    from qprep.modules import ScaledDotProductAttention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 8).to(dtype) for _ in range(3))
+    masks = [None, torch.randn(2, 1, 8, 8).to(dtype), torch.rand(2, 1, 8, 8) > 0.3]
+    for mask in masks:
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.equal(ScaledDotProductAttention()(q, k, v, mask), expected)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval().to(dtype)
+    gm = qprep.prepare(layer, torch.randn(2, 5, 16).to(dtype))
+    result = qprep.verify(layer, gm, torch.randn(3, 7, 16).to(dtype))
+    assert result.equal and result.kernel_bound > 1e-3, result.table()

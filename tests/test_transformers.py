@@ -69,6 +69,15 @@ def test_sdpa_decomposition_is_bitwise_the_math_kernel_and_bounded_to_the_defaul
         assert result.kernel_diff <= result.kernel_bound
 
 
+def test_bfloat16_llama():
+    """bfloat16 weights and SDPA: bitwise the math kernel (which computes in float32), within
+    the bound scaled to bfloat16's resolution of the default kernel."""
+    model = build("llama", "sdpa").to(torch.bfloat16)
+    gm = qprep.prepare(model, example("llama"))
+    result = qprep.verify(model, gm, example("llama", batch=3, seq=11, seed=2))
+    assert result.equal and result.reference.startswith("native kernels"), result.table()
+
+
 def test_padding_is_honoured():
     for name in ("bert", "llama"):
         model = build(name)

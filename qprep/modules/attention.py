@@ -150,6 +150,9 @@ class SafeSoftmax(nn.Module):
         return f"dim={self.dim}"
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
 class ScaledDotProductAttention(nn.Module):
     """``F.scaled_dot_product_attention`` with every op a module: SDPA's math kernel spelled out.
 
@@ -160,7 +163,8 @@ class ScaledDotProductAttention(nn.Module):
     (``mask_fill``: ``-inf`` where not attended); ``mask_add``; ``softmax`` (the kernel's safe
     softmax: a fully masked row gives 0); ``dropout`` (``F.dropout(..., training=True)``, as the
     kernel draws it, when ``dropout_p > 0``); ``av_matmul``; with ``enable_gqa``, key and value
-    heads are repeated (``repeat_interleave``) as the kernel does.
+    heads are repeated (``repeat_interleave``) as the kernel does. Half and bfloat16 inputs are
+    computed in float32 and the result cast back, as the kernel does.
 
     Bitwise equal to SDPA's math kernel (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``);
     to the default (flash) kernel on CPU within the bound of :data:`qprep.verify.KERNEL_BOUNDS`.
@@ -184,6 +188,9 @@ class ScaledDotProductAttention(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(query.size(-1))
         root = math.sqrt(abs(scale))
+        dtype = query.dtype
+        if dtype in _REDUCED:  # the kernel computes half and bfloat16 attention in float32
+            return self.forward(query.float(), key.float(), value.float(), attn_mask).to(dtype)
         if self.is_causal:
             if attn_mask is not None:
                 raise ValueError("scaled_dot_product_attention: is_causal=True takes no attn_mask")
@@ -437,14 +444,20 @@ class ModularMultiheadAttention(nn.Module):
             attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(bsz, self.num_heads, -1, src_len)
         elif is_causal:  # the math kernel's causal mask: 0 on and below the diagonal, -inf above
             attn_mask = torch.full((tgt_len, src_len), _NEG_INF, dtype=q.dtype, device=q.device).triu(1)
+        dtype = q.dtype
         q, k, v = (x.view(bsz, self.num_heads, x.shape[1], self.head_dim) for x in (q, k, v))
+        if dtype in _REDUCED:  # the kernel computes half and bfloat16 attention in float32
+            q, k, v = q.float(), k.float(), v.float()
         scores = self.sdpa_qk_matmul(self.sdpa_scale_q(q), self.sdpa_scale_k(k.transpose(-2, -1)))
         if attn_mask is not None:
             scores = self.sdpa_mask_add(scores, attn_mask)
         weights = self.sdpa_softmax(scores)
         if dropout:
             weights = self.attn_dropout(weights)
-        output = self.sdpa_av_matmul(weights, v).permute(2, 0, 1, 3).reshape(bsz * tgt_len, self.embed_dim)
+        attended = self.sdpa_av_matmul(weights, v)
+        if dtype in _REDUCED:
+            attended = attended.to(dtype)
+        output = attended.permute(2, 0, 1, 3).reshape(bsz * tgt_len, self.embed_dim)
         output = self.out_proj(output)
         return output.view(tgt_len, bsz, output.size(1))
 

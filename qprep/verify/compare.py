@@ -51,7 +51,8 @@ _MODULAR_ATTENTION = (ModularMultiheadAttention, ScaledDotProductAttention)
 
 #: Largest max-abs difference accepted against the fused kernels, per family: a little
 #: above the largest measured (oneDNN LSTM 5.4e-7; SDPA flash 9.5e-7, MHA fast path
-#: 4.8e-7), see qprep/modules/rnn.py and attention.py and their tests.
+#: 4.8e-7), see qprep/modules/rnn.py and attention.py and their tests. float32 figures:
+#: half and bfloat16 outputs get them scaled by their coarser resolution (:func:`_precision`).
 KERNEL_BOUNDS = {"recurrent (oneDNN)": ONEDNN_LSTM_ATOL, "attention (fast path)": 2e-6}
 
 
@@ -291,6 +292,15 @@ def _compare_once(original, prepared, args, seed, grad) -> tuple[list[OutputChec
     return checks, grad_checks
 
 
+def _precision(checks: list[OutputCheck]) -> float:
+    """How much coarser than float32 the coarsest floating-point output is (bfloat16: 2**16,
+    half: 2**13): the kernel bounds are float32 figures, a few units in the last place."""
+    eps = torch.finfo(torch.float32).eps
+    factors = [torch.finfo(getattr(torch, c.dtype)).eps / eps for c in checks
+               if c.dtype and getattr(torch, c.dtype, None) in (torch.float16, torch.bfloat16)]
+    return max(factors, default=1.0)
+
+
 def _largest(checks: list[OutputCheck]) -> float:
     return max((o.magnitude for o in checks), default=0.0)
 
@@ -382,7 +392,7 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
     # native kernels (checked above); under the fused ones they differ more (summed over
     # time steps and batch: up to 9.2e-5 on qprep.examples.TinyLSTMLM's bias gradients),
     # shown, not bounded.
-    scale = max(1.0, _largest(result.outputs))
+    scale = max(1.0, _largest(result.outputs)) * _precision(result.outputs)
     bound = min(KERNEL_BOUNDS[f] for f in families) * scale
     diff = max((o.max_abs_diff for o in result.outputs), default=0.0)
     local = None
@@ -439,7 +449,7 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
                 outputs.append(kernel(*clone_tree(positional), **clone_tree(keywords)))
         checks = compare(outputs[1], outputs[0])
         family = "recurrent (oneDNN)" if isinstance(kernel, _RECURRENT) else "attention (fast path)"
-        local_bound = KERNEL_BOUNDS[family] * max(1.0, _largest(checks))
+        local_bound = KERNEL_BOUNDS[family] * max(1.0, _largest(checks)) * _precision(checks)
         local_diff = max((c.max_abs_diff for c in checks), default=0.0)
         if not local_diff <= local_bound:
             return None
