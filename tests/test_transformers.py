@@ -78,6 +78,31 @@ def test_bfloat16_llama():
     assert result.equal and result.reference.startswith("native kernels"), result.table()
 
 
+def test_a_data_dependent_check_is_kept_as_a_runtime_check():
+    """BART's classification head checks ``torch_compilable_check(unique_consecutive(
+    eos_mask.sum(1)).numel() == 1, ...)``, a condition on data: recorded as the same
+    ``torch._check_with``, so the prepared model raises the original's ValueError."""
+    T = transformers_module()
+    torch.manual_seed(0)
+    config = T.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          max_position_embeddings=64, pad_token_id=1, eos_token_id=2)
+    model = T.BartForSequenceClassification(config).eval()
+
+    def ids(batch, length, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat([torch.randint(3, 128, (batch, length), generator=g), torch.full((batch, 1), 2)], 1)
+
+    gm = qprep.prepare(model, {"input_ids": ids(2, 7, 0)})
+    assert qprep.verify(model, gm, {"input_ids": ids(3, 10, 1)}).equal
+    uneven = ids(2, 7, 2)
+    uneven[0, 3] = 2  # one more <eos> in the first row
+    with pytest.raises(ValueError, match="same number of <eos> tokens"):
+        model(input_ids=uneven)
+    with pytest.raises(ValueError, match="same number of <eos> tokens"):
+        gm(input_ids=uneven)
+
+
 def test_padding_is_honoured():
     for name in ("bert", "llama"):
         model = build(name)

@@ -285,6 +285,35 @@ class QprepTracer(torch.fx.Tracer):
         for name in ("is_grad_enabled", "is_autocast_enabled"):
             patcher.patch(torch.__dict__, name, self._mode_read(getattr(torch, name)))
         patch_class_attribute(patcher, torch.autograd.Function, "apply", classmethod(self._function_apply()))
+        patcher.patch(builtins.__dict__, "callable", self._callable(builtins.callable))
+        for name in ("_check", "_check_with", "_check_tensor_all", "_check_tensor_all_with"):
+            if hasattr(torch, name):
+                patcher.patch(torch.__dict__, name, self._runtime_check(getattr(torch, name)))
+
+    def _callable(self, original):
+        """``callable(x)`` of a traced value gives the example's answer (a Proxy is callable,
+        so ``cond = cond() if callable(cond) else cond`` called a bool)."""
+        def traced_callable(obj):
+            if isinstance(obj, torch.fx.Proxy) and self.recording():
+                value = value_of(obj.node)
+                # a value not known on the example (data-dependent): callable only if it is a
+                # method read off a traced value (fx's Attribute proxy)
+                return original(value) if value is not UNKNOWN else isinstance(obj, torch.fx.proxy.Attribute)
+            return original(obj)
+
+        return traced_callable
+
+    def _runtime_check(self, original):
+        """``torch._check_with(ValueError, cond, msg)`` on a traced condition (transformers 5's
+        ``torch_compilable_check``: ``unique_consecutive(eos_mask.sum(1)).numel() == 1``): recorded
+        as the same check, so the prepared model raises where the original does."""
+        def check(*args, **kwargs):
+            if self.recording() and tree_any((args, kwargs), _is_proxy):
+                self.create_proxy("call_function", original, args, kwargs)
+                return None
+            return original(*args, **kwargs)
+
+        return check
 
     def _function_apply(self):
         """``MyFunction.apply(x)`` of a user's ``torch.autograd.Function`` on traced values is
