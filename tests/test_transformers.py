@@ -103,6 +103,19 @@ def test_a_data_dependent_check_is_kept_as_a_runtime_check():
         gm(input_ids=uneven)
 
 
+def test_flags_given_through_kwargs():
+    """``output_hidden_states=True`` reaches GPT-2 through ``**kwargs``: a constant fixed at
+    trace time (library code tests it with isinstance), guarded; the hidden states are equal."""
+    model = build("gpt2", "sdpa")
+    inputs = {**example("gpt2"), "output_hidden_states": True}
+    gm = qprep.prepare(model, inputs)
+    new = {**example("gpt2", batch=3, seq=11, seed=1), "output_hidden_states": True}
+    assert len(gm(**new).hidden_states) == len(model(**new).hidden_states) == 3
+    assert qprep.verify(model, gm, new).equal  # every hidden state (SDPA: bitwise its math kernel)
+    with pytest.raises(qprep.GuardError, match="kwargs"):
+        gm(**{**new, "output_hidden_states": False})
+
+
 def test_padding_is_honoured():
     for name in ("bert", "llama"):
         model = build(name)

@@ -642,7 +642,7 @@ class QprepTracer(torch.fx.Tracer):
             if p.kind == p.VAR_POSITIONAL:
                 star = self.create_proxy("placeholder", f"*{p.name}", (), {})
             elif p.kind == p.VAR_KEYWORD:  # its keys are guarded: another keyword is refused, not ignored
-                starstar = self.create_proxy("placeholder", f"**{p.name}", (), {})
+                starstar = self._keyword_arguments(self.create_proxy("placeholder", f"**{p.name}", (), {}))
             elif p.name in fixed and not _simple_constant(fixed[p.name]):
                 keywords[p.name] = fixed[p.name]  # a tensor or an object: not an argument any more
                 if p.kind != p.KEYWORD_ONLY:
@@ -669,6 +669,25 @@ class QprepTracer(torch.fx.Tracer):
                            **(starstar if starstar is not None else {}))
 
         return call, []
+
+    def _keyword_arguments(self, starstar: torch.fx.Proxy) -> Any:
+        """The ``**kwargs`` a traced ``forward`` gets: its example's keys, guarded; a flag or
+        other plain constant (Hugging Face's ``output_hidden_states=True``) as itself, fixed
+        at trace time and guarded (library code tests it with ``isinstance``); a tensor as a
+        traced value. Without an example, the placeholder as it is."""
+        example = value_of(starstar.node)
+        if not isinstance(example, dict) or not example:
+            return starstar
+        self.guards.record(starstar.node, "keys", tuple(example), "", "")
+        out = {}
+        for key, value in example.items():
+            item = self.create_proxy("call_function", operator.getitem, (starstar, key), {})
+            if _simple_constant(value):
+                self.guards.record(item.node, "value", value, "argument fixed at trace time", "")
+                out[key] = value
+            else:
+                out[key] = item
+        return out
 
     def _fixed_placeholder(self, name: str, value: Any, default: tuple) -> Any:
         """The placeholder of an argument fixed to ``value`` (``default``: ``()`` or the

@@ -496,6 +496,8 @@ def test_keywords_collected_by_star_star_kwargs_are_example_inputs():
         gm(x5)  # other keys than the example's
     plain = qprep.prepare(model, (x,))
     assert torch.equal(plain(x5), model(x5))
+    trained = _Extras().train()  # verified with gradients: the keywords reach both models
+    qprep.prepare(trained, {"x": x, "shift": torch.ones(4, requires_grad=True)})
 
 
 class _GradModeBranch(nn.Module):
