@@ -107,6 +107,8 @@ DATA_MOVEMENT_METHODS: frozenset = frozenset({
 #: Functions left as graph nodes by policy (matched by identity): indexing, views, factories.
 DATA_MOVEMENT_FUNCTIONS: frozenset = frozenset({
     operator.getitem, getattr, torch._assert,
+    *(getattr(torch, name) for name in ("_check", "_check_with", "_check_tensor_all", "_check_tensor_all_with")
+      if hasattr(torch, name)),  # runtime checks (transformers' torch_compilable_check): no compute
     torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
     torch.unbind, torch.narrow, torch.select, torch.index_select, torch.gather, torch.movedim, torch.flip,
     torch.roll, torch.tile, torch.tril, torch.triu, torch.diagonal, torch.broadcast_to, torch.masked_select,

@@ -94,6 +94,7 @@ def test_a_data_dependent_check_is_kept_as_a_runtime_check():
         return torch.cat([torch.randint(3, 128, (batch, length), generator=g), torch.full((batch, 1), 2)], 1)
 
     gm = qprep.prepare(model, {"input_ids": ids(2, 7, 0)})
+    assert sum(n.target is torch._check_with for n in gm.graph.nodes) == 2  # checks, not wrapped as compute
     assert qprep.verify(model, gm, {"input_ids": ids(3, 10, 1)}).equal
     uneven = ids(2, 7, 2)
     uneven[0, 3] = 2  # one more <eos> in the first row
