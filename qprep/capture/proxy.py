@@ -64,10 +64,7 @@ class QprepProxy(torch.fx.Proxy):
 
     # -- where Python needs a concrete value -----------------------------------------
     def __bool__(self):
-        frame = sys._getframe(1)  # noqa: SLF001
-        if self.tracer.is_assert(frame):
-            return self.tracer.asserted(self, frame)
-        return self.tracer.concrete(self, "bool")
+        return self.tracer.truth(self, sys._getframe(1))  # noqa: SLF001  (an `if`, or an `assert`)
 
     def __index__(self):
         return self.tracer.concrete(self, "index")

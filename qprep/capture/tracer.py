@@ -286,9 +286,11 @@ class QprepTracer(torch.fx.Tracer):
             patcher.patch(torch.__dict__, name, self._mode_read(getattr(torch, name)))
         patch_class_attribute(patcher, torch.autograd.Function, "apply", classmethod(self._function_apply()))
         patcher.patch(builtins.__dict__, "callable", self._callable(builtins.callable))
+        # `torch._check_with(ValueError, cond, msg)` on a traced condition (transformers 5's
+        # torch_compilable_check): recorded as the same check, raised where the original raises
         for name in ("_check", "_check_with", "_check_tensor_all", "_check_tensor_all_with"):
             if hasattr(torch, name):
-                patcher.patch(torch.__dict__, name, self._runtime_check(getattr(torch, name)))
+                patcher.patch(torch.__dict__, name, self._recorded(getattr(torch, name), always=False))
 
     def _callable(self, original):
         """``callable(x)`` of a traced value gives the example's answer (a Proxy is callable,
@@ -302,18 +304,6 @@ class QprepTracer(torch.fx.Tracer):
             return original(obj)
 
         return traced_callable
-
-    def _runtime_check(self, original):
-        """``torch._check_with(ValueError, cond, msg)`` on a traced condition (transformers 5's
-        ``torch_compilable_check``: ``unique_consecutive(eos_mask.sum(1)).numel() == 1``): recorded
-        as the same check, so the prepared model raises where the original does."""
-        def check(*args, **kwargs):
-            if self.recording() and tree_any((args, kwargs), _is_proxy):
-                self.create_proxy("call_function", original, args, kwargs)
-                return None
-            return original(*args, **kwargs)
-
-        return check
 
     def _function_apply(self):
         """``MyFunction.apply(x)`` of a user's ``torch.autograd.Function`` on traced values is
@@ -855,22 +845,18 @@ class QprepTracer(torch.fx.Tracer):
         self.guards.record(proxy.node, "keys", keys, location, code)
         return list(keys)
 
-    @staticmethod
-    def is_assert(frame) -> bool:
-        """Whether ``frame`` is testing an ``assert`` condition."""
-        return _assert_at(frame.f_code, frame.f_lasti)[0]
-
-    def asserted(self, proxy: torch.fx.Proxy, frame) -> bool:
-        """``assert cond`` where ``cond`` is tensor data or unknown on the example (XLM's
-        ``assert lengths.max().item() <= slen``): recorded as ``torch._assert(cond, message)``,
+    def truth(self, proxy: torch.fx.Proxy, frame) -> bool:
+        """``bool(proxy)`` asked by ``frame``: the example's answer, guarded. Where ``frame``
+        tests an ``assert`` on tensor data or on a value unknown on the example (XLM's ``assert
+        lengths.max().item() <= slen``), recorded as ``torch._assert(cond, message)`` instead,
         as torch.fx rewrites asserts, so the prepared model raises ``AssertionError`` where the
-        original does, and the trace goes on past it. A condition on metadata is guarded as
-        any other ``if``."""
+        original does, and the trace goes on past it."""
+        asserting, message = _assert_at(frame.f_code, frame.f_lasti)
         value = value_of(proxy.node)
-        if value is not UNKNOWN and not isinstance(value, torch.Tensor):
+        if not asserting or value is not UNKNOWN and not isinstance(value, torch.Tensor):
             return self.concrete(proxy, "bool")
         location, code = _here(2)
-        message = _assert_message(frame) or f"assertion failed at {location}: {code}"
+        message = message or f"assertion failed at {location}: {code}"
         self.create_proxy("call_function", torch._assert, (proxy, message), {})  # noqa: SLF001
         return True
 
@@ -1052,10 +1038,6 @@ def _assert_at(code, lasti: int) -> tuple[bool, str | None]:
                 and isinstance(after.argval, str) else None
             return True, message
     return False, None
-
-
-def _assert_message(frame) -> str | None:
-    return _assert_at(frame.f_code, frame.f_lasti)[1]
 
 
 def _unpacked_count(frame) -> int | None:

@@ -78,7 +78,6 @@ SHAPE_PRESERVING_FUNCTIONS = frozenset({
 })
 
 
-
 def _grouped_mm_shape(mat_a: torch.Tensor, mat_b: torch.Tensor, *, offs: torch.Tensor | None = None,
                       bias: Any = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The meta output of ``torch._grouped_mm`` / ``F.grouped_mm``, whose meta kernel refuses

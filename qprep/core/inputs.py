@@ -11,8 +11,8 @@ import torch.nn as nn
 from ._compat import has_forward_pre_hooks
 from .errors import InputError
 
-__all__ = ["Arguments", "as_positional", "keywords_of", "check_call", "with_concrete", "empty_inputs", "fit_call",
-           "call_form"]
+__all__ = ["Arguments", "as_positional", "keywords_of", "with_keywords", "check_call", "with_concrete", "empty_inputs",
+           "fit_call", "call_form"]
 
 
 class Arguments(tuple):
@@ -39,7 +39,8 @@ def keywords_of(args: tuple | None) -> dict:
     return getattr(args, "keywords", {}) if args is not None else {}
 
 
-def _with_keywords(args: tuple, keywords: dict) -> tuple:
+def with_keywords(args: tuple, keywords: dict) -> tuple:
+    """``args`` with ``keywords`` beside them (:class:`Arguments`), a plain tuple without any."""
     return Arguments(args, keywords) if keywords else tuple(args)
 
 
@@ -81,7 +82,7 @@ def _keywords_in_order(model: nn.Module, kwargs: dict) -> tuple:
             args.append(p.default)
         else:
             raise InputError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward requires")
-    return _with_keywords(args, by_name)
+    return with_keywords(args, by_name)
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature | None:
@@ -147,10 +148,10 @@ def with_concrete(model: nn.Module, args: tuple, concrete_args: dict | None) -> 
     names = {p.name: i for i, p in enumerate(positional)}
     keywords = {**keywords_of(args), **{k: v for k, v in concrete_args.items() if k not in names}}
     if len(args) > len(positional):  # *args took the rest: nothing after them is positional
-        return _with_keywords(args, keywords)
+        return with_keywords(args, keywords)
     keyed = {p.name: a for p, a in zip(positional, args)}
     keyed.update((k, v) for k, v in concrete_args.items() if k in names and names[k] >= len(args))
-    return _with_keywords(tuple(args) + tuple(_keywords_in_order(model, keyed)[len(args):]), keywords)
+    return with_keywords(tuple(args) + tuple(_keywords_in_order(model, keyed)[len(args):]), keywords)
 
 
 def call_form(model: nn.Module, args: tuple) -> tuple[tuple, dict]:

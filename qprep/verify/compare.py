@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..core import meta
 from ..core._compat import mha_fastpath
 from ..core.errors import InputError
-from ..core.inputs import Arguments, as_positional, call_form, check_call, empty_inputs, fit_call, keywords_of
+from ..core.inputs import as_positional, call_form, check_call, empty_inputs, fit_call, keywords_of, with_keywords
 from ..core.runtime import clone_tree, preserved_state, seeded
 from ..core.text import fmt_float
 from ..modules import (
@@ -239,7 +239,7 @@ def _run(model: nn.Module, args: tuple, seed: int, params: list | None,
         # The model gets a copy of each leaf: a forward that updates its input in place
         # (x.add_(y)) may not do so on a leaf that requires grad.
         cloned = tuple(a.clone() if any(a is leaf for leaf in wrt) else a for a in args)
-        positional, keywords = fit(Arguments(cloned, keywords_of(args)) if keywords_of(args) else cloned)
+        positional, keywords = fit(with_keywords(cloned, keywords_of(args)))
         out = model(*positional, **keywords)
     tensors = [t for _, t in leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
     if not tensors:
