@@ -3,7 +3,7 @@
 * Augmented assignment (``y += z``) is recorded as the in-place operator
   (``operator.iadd``); plain fx records ``operator.add``, which breaks aliasing.
 * ``y[:, 0] = v`` is recorded as ``operator.setitem``.
-* ``math.ceil``/``floor``/``trunc`` and ``round`` of a traced size stay symbolic.
+* ``math.ceil``/``floor``/``trunc``, ``round`` and ``divmod`` of a traced size stay symbolic.
 * Where Python needs a concrete value, ``bool()``, ``int()``, ``float()``, ``operator.index``
   (``range``, indexing a list), ``len()``, iteration and ``**``-unpacking, the proxy asks its
   tracer (:meth:`QprepTracer.concrete` and friends), which answers with the example's value and
@@ -100,6 +100,12 @@ class QprepProxy(torch.fx.Proxy):
     def __round__(self, ndigits=None):
         args = (self,) if ndigits is None else (self, ndigits)
         return self.tracer.create_proxy("call_function", builtins.round, args, {})
+
+    def __divmod__(self, other):  # `q, r = divmod(x.shape[-1], 3)`: both parts stay symbolic
+        return self // other, self % other
+
+    def __rdivmod__(self, other):
+        return other // self, other % self
 
 
 def _make_inplace(op):

@@ -120,6 +120,11 @@ class ConcreteValueError(Exception):
     """Python needed a concrete value the tracer cannot give (unknown, or tensor data)."""
 
 
+class StatefulForwardError(ConcreteValueError):
+    """``forward`` keeps state between calls or draws from a generator outside torch: no
+    graph reproduces it, whatever the inputs (so no ``concrete_args`` would help)."""
+
+
 def _user_frame(tb) -> traceback.FrameSummary | None:
     """The innermost frame of the traceback that is user code (not torch, not qprep)."""
     frames = traceback.extract_tb(tb)
@@ -206,6 +211,7 @@ class QprepTracer(torch.fx.Tracer):
         self.examples = examples
         self.notes: list[TraceNote] = []
         self._cached: list[tuple[dict, str, Any]] = []  # attributes (or buffers) set to traced caches
+        self.state_changes: list[StateChange] = []  # plain attributes forward gave a new value
         self._parsed: list = []  # index reads that may be torch's argument parser's (_drop_parsed_guards)
         self.guards = GuardRecorder()
         self.values: Values | None = None
@@ -286,11 +292,34 @@ class QprepTracer(torch.fx.Tracer):
             patcher.patch(torch.__dict__, name, self._mode_read(getattr(torch, name)))
         patch_class_attribute(patcher, torch.autograd.Function, "apply", classmethod(self._function_apply()))
         patcher.patch(builtins.__dict__, "callable", self._callable(builtins.callable))
+        self._install_python_rng(patcher)
         # `torch._check_with(ValueError, cond, msg)` on a traced condition (transformers 5's
         # torch_compilable_check): recorded as the same check, raised where the original raises
         for name in ("_check", "_check_with", "_check_tensor_all", "_check_tensor_all_with"):
             if hasattr(torch, name):
                 patcher.patch(torch.__dict__, name, self._recorded(getattr(torch, name), always=False))
+
+    def _install_python_rng(self, patcher) -> None:
+        """A draw from Python's or NumPy's global random generator in a traced ``forward``
+        (``if random.random() < p``) is a plain value the trace would fix, the same draw on
+        every call of the prepared model: refused with the line (torch's generators are
+        recorded as ops)."""
+        for module_name, names in _PYTHON_RNG.items():
+            namespace = getattr(sys.modules.get(module_name), "__dict__", None)
+            for name in names if namespace is not None else ():
+                if callable(namespace.get(name)):
+                    patcher.patch(namespace, name, self._refused_draw(namespace[name], f"{module_name}.{name}"))
+
+    def _refused_draw(self, original, qualified: str):
+        def draw(*args, **kwargs):
+            if self.recording() and not os.path.abspath(sys._getframe(1).f_code.co_filename).startswith(  # noqa: SLF001
+                    (os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))):
+                raise StatefulForwardError(
+                    f"forward draws from {qualified}(): the prepared graph would repeat the trace's draw on every "
+                    "call; draw with torch (torch.rand) or keep the module a leaf")
+            return original(*args, **kwargs)
+
+        return draw
 
     def _callable(self, original):
         """``callable(x)`` of a traced value gives the example's answer (a Proxy is callable,
@@ -444,10 +473,15 @@ class QprepTracer(torch.fx.Tracer):
                     return
                 if tracer._caches(module, name, value):
                     return
-                raise ConcreteValueError(
+                raise StatefulForwardError(
                     f"forward assigns a traced value to {type(module).__name__}.{name}: a prepared graph "
                     f"holds no state between calls; update a buffer in place (self.{name}.copy_(...)) or keep "
                     f"the module a leaf")
+            if tracer.recording() and _changes_plain_state(module, name, value, sys._getframe(1)):  # noqa: SLF001
+                location, code = _here(1)
+                tracer.state_changes.append(
+                    StateChange(module, tracer.path_of_module(module), name, vars(module).get(name, _MISSING), value,
+                                location, code))
             original(module, name, value)
 
         return setattr_
@@ -570,7 +604,7 @@ class QprepTracer(torch.fx.Tracer):
     def _shadow_len(self, fn) -> None:
         """``len(x)`` of a traced value in ``fn``'s module stays symbolic, and ``isinstance(x,
         ...)`` gives the example's answer with a guard: both are shadowed in that module's
-        globals for this trace."""
+        globals for this trace, and so are its TorchScript functions (recorded as calls)."""
         namespace = getattr(fn, "__globals__", None)
         if self._patcher is None or namespace is None or not self._patcher.visit_once(namespace):
             return
@@ -598,6 +632,10 @@ class QprepTracer(torch.fx.Tracer):
             return answer
 
         self._patcher.patch(namespace, "isinstance", traced_isinstance)
+        # `@torch.jit.script` functions cannot take a Proxy: each is recorded as one call
+        for name, value in list(namespace.items()):
+            if isinstance(value, torch.jit.ScriptFunction):
+                self._patcher.patch(namespace, name, self._recorded(value, always=False))
 
     # -- the root's arguments -------------------------------------------------------------
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
@@ -741,11 +779,29 @@ class QprepTracer(torch.fx.Tracer):
         try:
             with self.passthrough():
                 found = getattr(value, name)
+        except AttributeError:
+            if self._lacks_attribute(proxy.node, value, name):
+                raise  # `hasattr(weight, "SCB")` is False, as on the original's tensor
+            return torch.fx.proxy.Attribute(proxy, name)  # perhaps an example's own attribute: fails when run
         except Exception:  # noqa: BLE001  (not an attribute of the example: traced, and fails when run)
             return torch.fx.proxy.Attribute(proxy, name)
         if callable(found) and not isinstance(found, torch.Tensor):
             return torch.fx.proxy.Attribute(proxy, name)
         return self.create_proxy("call_function", builtins.getattr, (proxy, name), {})
+
+    def _lacks_attribute(self, node: torch.fx.Node, value: Any, name: str) -> bool:
+        """Whether the tensor ``node`` lacks ``name`` when the prepared model runs too: a
+        plain tensor an op made (no attributes of its own), or a parameter or buffer whose
+        real tensor lacks it (its example is a meta copy without instance attributes)."""
+        if type(value) not in (torch.Tensor, nn.Parameter):
+            return False
+        if node.op == "get_attr":
+            real = self.root
+            with self.passthrough():  # the tensors themselves, not their proxies
+                for part in node.target.split("."):
+                    real = getattr(real, part, None)
+            return isinstance(real, torch.Tensor) and not hasattr(real, name)
+        return node.op in ("call_function", "call_method", "call_module")
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """A parameter or buffer read in a traced ``forward`` is a ``get_attr`` node (one per
@@ -1055,15 +1111,13 @@ def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseE
     frame = _user_frame(exc.__traceback__)
     if frame is not None and frame.line:
         code = f": `{frame.line.strip()}`"
-    leaf_hint = (
-        f"mark it as a leaf (PrepareConfig(leaf_modules=('{name}',)) or leaf_modules=[{type(m).__name__}]), "
-        if name else ""
-    )
-    message = (
-        f"cannot trace {where}{at}{code}: {reason}.\n"
-        f"Fix: {leaf_hint}pass concrete_args for the input the code branches on, "
-        f"or use on_untraceable='leaf' to keep untraceable submodules opaque."
-    )
+    hints = [f"mark it as a leaf (PrepareConfig(leaf_modules=('{name}',)) or leaf_modules=[{type(m).__name__}])"] \
+        if name else []
+    if not isinstance(exc, StatefulForwardError):
+        hints.append("pass concrete_args for the input the code branches on")
+    hints.append("use on_untraceable='leaf' to keep untraceable submodules opaque")
+    message = f"cannot trace {where}{at}{code}: {reason}.\nFix: {', '.join(hints[:-1])}{', or ' if len(hints) > 1 else ''}{hints[-1]}."
+
     return TraceError(message, module=name, module_type=type(m).__name__, location=location)
 
 
@@ -1087,6 +1141,69 @@ _INPLACE_FUNCTIONS = frozenset({
 
 
 _MISSING = object()
+
+#: Global random generators outside torch: module -> its drawing functions.
+_PYTHON_RNG = {
+    "random": ("random", "uniform", "randint", "randrange", "choice", "choices", "sample", "shuffle", "gauss",
+               "normalvariate", "lognormvariate", "expovariate", "vonmisesvariate", "gammavariate", "triangular",
+               "betavariate", "paretovariate", "weibullvariate", "getrandbits", "randbytes", "binomialvariate"),
+    "numpy.random": ("rand", "randn", "random", "random_sample", "ranf", "sample", "randint", "random_integers",
+                     "uniform", "normal", "standard_normal", "choice", "permutation", "shuffle", "binomial", "beta",
+                     "poisson", "exponential", "gamma", "laplace", "logistic", "lognormal", "geometric", "gumbel",
+                     "multinomial", "dirichlet", "bytes"),
+}
+
+#: Values compared by value when ``forward`` re-assigns a plain attribute (``self.flag = True``).
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), tuple, frozenset, torch.dtype, torch.device)
+
+
+def _changes_plain_state(module: nn.Module, name: str, value: Any, frame) -> bool:
+    """Whether the user's ``forward`` code (not torch's or qprep's) gives the plain attribute
+    ``module.name`` a new value. The next call of the original would read the new value; the
+    prepared graph keeps what the trace saw."""
+    if name in module._parameters or name in module._buffers or name in module._modules:  # noqa: SLF001
+        return False
+    if os.path.abspath(frame.f_code.co_filename).startswith((os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))):
+        return False
+    old = vars(module).get(name, _MISSING)
+    if old is value:
+        return False
+    try:
+        return not (type(old) is type(value) and isinstance(value, _PLAIN_VALUES) and bool(old == value))
+    except Exception:  # noqa: BLE001  (an element without a plain ==)
+        return True
+
+
+@dataclasses.dataclass
+class StateChange:
+    """``forward`` gave the plain attribute ``module.name`` a new value (``old`` is
+    ``_MISSING`` when it was unset)."""
+
+    module: nn.Module
+    path: str
+    name: str
+    old: Any
+    new: Any
+    location: str
+    code: str
+
+    def undo(self) -> None:
+        if self.old is _MISSING:
+            vars(self.module).pop(self.name, None)
+        else:
+            vars(self.module)[self.name] = self.old
+
+    def redo(self) -> None:
+        vars(self.module)[self.name] = self.new
+
+    def describe(self) -> str:
+        old = "unset" if self.old is _MISSING else _short(self.old)
+        return f"forward changes {type(self.module).__name__}.{self.name} ({old} -> {_short(self.new)})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 _RANDOM_CALLS = frozenset(getattr(torch, name) for name in RANDOM_FACTORIES if hasattr(torch, name))
 _RANDOM_METHODS = frozenset({"uniform_", "normal_", "bernoulli", "bernoulli_", "random_", "exponential_",
                              "geometric_", "cauchy_", "log_normal_", "multinomial"})
@@ -1203,6 +1320,21 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
     # and the GraphModule copies them; the model itself gets its attributes back.
     with structure_kept([model]):
         guards, gm = _traced_graph_module(tracer, model, config, code_on_demand)
+    if tracer.state_changes:
+        refused = _state_refusal(model, config, examples, gm, tracer.state_changes)
+        if refused is not None:
+            if config.on_untraceable == "leaf" and refused.path:
+                leaves = dataclasses.replace(config, leaf_modules=(*config.leaf_modules, refused.path))
+                return trace(model, leaves, examples, code_on_demand=code_on_demand)
+            kind = type(refused.module).__name__
+            where = f"module '{refused.path}' ({kind})" if refused.path else f"the model's forward ({kind})"
+            fix = f"mark it as a leaf (PrepareConfig(leaf_modules=('{refused.path}',))) or use on_untraceable='leaf'" \
+                if refused.path else "keep the state out of forward, or prepare its submodules"
+            raise TraceError(
+                f"cannot trace {where} at {refused.location}: `{refused.code}`: {refused.describe()}, and the "
+                "next call traces differently: state kept between calls (a call counter, a one-time "
+                f"initialisation), which one graph cannot reproduce.\nFix: {fix}.",
+                module=refused.path, module_type=kind, location=refused.location)
     constants_out_of_state(gm)
     protected = _protect_constants(gm)
     if gm.graph.eliminate_dead_code(is_impure_node=_is_impure) or protected:
@@ -1213,6 +1345,28 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
     if guards:
         meta.set_graph_facts(gm, **{meta.GUARDS: guards})
     return Traced(gm, tracer.notes, guards, dict(tracer.values.failures) if tracer.values else {})
+
+
+def _state_refusal(model: nn.Module, config: PrepareConfig, examples: dict | None, gm: torch.fx.GraphModule,
+                   changes: list[StateChange]) -> StateChange | None:
+    """``forward`` changed plain attributes (``self.initialised = True``, ``self.calls += 1``):
+    the graph is the model's only if tracing again, from the changed state, changes nothing
+    more and gives the same code (a one-time set-up that Hugging Face's output capturing does).
+    Otherwise every change is undone and the first is returned, to be refused."""
+    for change in changes:
+        change.redo()  # the root's own attributes were put back after the first trace
+    again = QprepTracer(config, examples)
+    try:
+        with structure_kept([model]):
+            _, second = _traced_graph_module(again, model, config, code_on_demand=True)
+        same = not again.state_changes and second.code == gm.code
+    except TraceError:
+        same = False
+    if same:
+        return None
+    for change in reversed(changes + again.state_changes):  # the latest first
+        change.undo()
+    return changes[0]
 
 
 def _is_impure(node: torch.fx.Node) -> bool:

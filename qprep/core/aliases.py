@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 import torch.nn as nn
 
 __all__ = ["hide_aliases", "restore_missing_state", "match_order", "match_persistence"]
@@ -120,9 +121,13 @@ def match_order(original: nn.Module, prepared: nn.Module) -> None:
 
 def match_persistence(original: nn.Module, prepared: nn.Module) -> None:
     """A buffer the original keeps out of ``state_dict()`` (``persistent=False``, such as a
-    rotary ``inv_freq``) stays out of it where ``prepared`` registers it anew."""
+    rotary ``inv_freq``), or a plain tensor attribute of the original (``self.scale =
+    torch.tensor(2.0)``, which the graph reads), stays out of it where ``prepared`` registers
+    it anew as a buffer."""
     transient = {id(module._buffers[name]) for module in original.modules()  # noqa: SLF001
                  for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None}  # noqa: SLF001
+    transient |= {id(value) for module in original.modules() for value in vars(module).values()
+                  if isinstance(value, torch.Tensor)}
     if not transient:
         return
     for module in prepared.modules():

@@ -48,7 +48,9 @@ def as_positional(inputs: Any, model: nn.Module | None = None) -> tuple:
     """``inputs`` as a tuple of positional arguments: a tensor, a list or a tuple as they
     are; a dict as keyword arguments put in ``model.forward``'s order, defaults filling the
     gaps before the last one given, and those that cannot go by position (keyword-only, or
-    collected by ``**kwargs``) kept by name (:class:`Arguments`)."""
+    collected by ``**kwargs``) kept by name (:class:`Arguments`). A dict none of whose keys
+    ``forward`` takes, for a ``forward`` whose one parameter is required (no ``**kwargs``),
+    is that parameter's value."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
     if isinstance(inputs, list):
@@ -71,8 +73,11 @@ def _keywords_in_order(model: nn.Module, kwargs: dict) -> tuple:
     by_name = {k: v for k, v in kwargs.items() if k not in names and (
         k in parameters and parameters[k].kind is inspect.Parameter.KEYWORD_ONLY or var_keyword and k not in parameters)}
     unknown = set(kwargs) - set(names) - set(by_name)
+    if unknown == set(kwargs) and len(params) == 1 and params[0].default is params[0].empty and not var_keyword:
+        return (kwargs,)  # `forward(self, batch)` given {"image": ..., "mask": ...}: the dict is its one input
     if unknown:
-        raise InputError(f"example_inputs names {sorted(unknown)}, which {type(model).__name__}.forward does not take")
+        raise InputError(f"example_inputs names {sorted(unknown)}, which {type(model).__name__}.forward does not take; "
+                         "to give a dict as one positional input, wrap it in a tuple: (inputs,)")
     last = max((names.index(k) for k in kwargs if k in names), default=-1)
     args = []
     for p in params[: last + 1]:

@@ -699,6 +699,180 @@ def test_state_kept_between_calls_is_still_refused(model):
         qprep.prepare(model, (torch.randn(2, 5),))
 
 
+class _CallCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # a plain attribute the next call reads: one graph cannot hold it
+        return self.fc(x) * self.calls
+
+
+class _LazyInit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.initialised = False
+
+    def forward(self, x):
+        if not self.initialised:  # a data-driven one-time initialisation (ActNorm, LSQ)
+            with torch.no_grad():
+                self.fc.bias.copy_(-self.fc(x).mean(0))
+            self.initialised = True
+        return self.fc(x)
+
+
+class _WarnsOnce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        if not getattr(self, "_warned", False):  # a one-time set-up the graph does not depend on
+            self._warned = True
+        return self.fc(x)
+
+
+class _Outer(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.head = inner, nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.inner(x).relu())
+
+
+@pytest.mark.parametrize("make", [_CallCounter, _LazyInit], ids=["counter", "one-time init"])
+def test_plain_state_that_changes_the_next_call_is_refused_with_the_line(make):
+    """A forward that gives a plain attribute a new value which changes what the next call
+    computes (a call counter, a lazy initialisation) is refused with the line; leaving it
+    alone used to fix the first call's graph, silently wrong from the second call on. The
+    user's model is untouched, and ``on_untraceable="leaf"`` keeps such a submodule whole."""
+    model = make().eval()
+    before = dict(vars(model))
+    with pytest.raises(qprep.TraceError, match=r"forward changes _\w+\.(calls|initialised) .*traces differently") as info:
+        qprep.prepare(model, (torch.randn(4, 5),))
+    assert info.value.location.endswith(str(_line_of(make, "self.calls += 1" if make is _CallCounter else
+                                                      "self.initialised = True")))
+    assert dict(vars(model)) == before
+    outer = _Outer(make()).eval()
+    gm = qprep.prepare(outer, (torch.randn(4, 5),), on_untraceable="leaf")
+    reference = copy.deepcopy(outer)
+    for _ in range(3):
+        x = torch.randn(3, 5)
+        assert torch.equal(gm(x), reference(x))
+
+
+def _line_of(cls: type, text: str) -> int:
+    import inspect
+
+    lines, start = inspect.getsourcelines(cls)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_a_one_time_setup_the_graph_does_not_depend_on_is_accepted():
+    """Tracing again from the changed state changes nothing more and gives the same graph
+    (Hugging Face's output capturing installs its hooks this way): prepared as usual."""
+    model = _WarnsOnce().eval()
+    gm = qprep.prepare(model, (torch.randn(4, 5),))
+    assert qprep.verify(model, gm, (torch.randn(7, 5),)).equal
+    assert not hasattr(model, "_warned")
+
+
+class _PythonRandom(nn.Module):
+    def __init__(self, source: str):
+        super().__init__()
+        self.fc, self.source = nn.Linear(5, 5), source
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        draw = random.random() if self.source == "random" else np.random.rand()
+        return self.fc(x) if draw < 0.5 else x
+
+
+@pytest.mark.parametrize("source", ["random", "numpy"])
+def test_a_draw_from_python_or_numpy_random_is_refused(source):
+    """The trace would fix the draw: the prepared model would take one branch on every call."""
+    with pytest.raises(qprep.TraceError, match=rf"draws from {'random.random' if source == 'random' else 'numpy.random.rand'}"
+                       ) as info:
+        qprep.prepare(_PythonRandom(source), (torch.randn(4, 5),))
+    assert "concrete_args" not in str(info.value)  # no input would help
+
+
+class _ProbesAttributes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        if hasattr(self.fc.weight, "SCB"):  # bitsandbytes' int8 weights (transformers' RWKV)
+            x = x * 2
+        y = self.fc(x)
+        return y * getattr(y, "scale", 3.0)
+
+
+def test_hasattr_on_a_parameter_or_an_op_result_answers_as_the_original():
+    """A plain tensor an op made, or a parameter whose real tensor lacks the attribute, lacks
+    it when the prepared model runs too (before, the read was traced and failed when run)."""
+    model = _ProbesAttributes().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 5),))
+    assert qprep.verify(model, gm, (torch.randn(3, 5),)).equal
+
+
+class _Divmod(nn.Module):
+    def forward(self, x):
+        q, r = divmod(x.shape[-1], 3)
+        return x[..., : q * 3].reshape(x.shape[0], q, 3).sum(-1) + r
+
+
+def test_divmod_of_a_size_stays_symbolic():
+    gm = qprep.prepare(_Divmod(), (torch.randn(2, 7),))
+    for n in (7, 9, 11):
+        x = torch.randn(3, n)
+        assert torch.equal(gm(x), _Divmod()(x))
+
+
+class _PlainTensors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.scale, self.index = torch.tensor(2.0), torch.tensor([0, 2])  # attributes, not buffers
+
+    def forward(self, x):
+        return self.fc(x)[:, self.index] * self.scale
+
+
+def test_plain_tensor_attributes_stay_out_of_the_state_dict():
+    """The graph reads them, so the GraphModule holds them as buffers: kept out of
+    ``state_dict()`` as the original keeps them, so its checkpoint loads with strict=True."""
+    model = _PlainTensors().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert list(gm.state_dict()) == list(model.state_dict())
+    gm.load_state_dict(model.state_dict())
+    assert qprep.verify(model, gm, (torch.randn(3, 4),)).equal
+
+
+class _Batch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, batch):
+        return self.fc(batch["image"]) * batch["mask"]
+
+
+def test_a_dict_none_of_whose_keys_forward_takes_is_its_one_input():
+    model = _Batch().eval()
+    example = {"image": torch.randn(2, 4), "mask": torch.ones(2, 4)}
+    gm = qprep.prepare(model, example)
+    assert qprep.verify(model, gm, {"image": torch.randn(3, 4), "mask": torch.zeros(3, 4)}).equal
+
+
 class _Autocast(nn.Module):
     def __init__(self, enabled: bool):
         super().__init__()
@@ -865,3 +1039,26 @@ def test_isinstance_of_a_traced_value_is_the_examples_answer_and_guarded_on_inpu
     assert guard.text() == "isinstance(x, torch.Tensor) is True" and guard.inputs_only
     with pytest.raises(GuardError, match=r"isinstance\(x, torch.Tensor\)"):
         gm([torch.randn(4), torch.randn(4)])
+
+
+@torch.jit.script
+def _scripted_activation(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x) + 1
+
+
+class _UsesScriptFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return _scripted_activation(self.fc(x))
+
+
+def test_a_torchscript_function_is_one_call_in_a_module():
+    """A ``@torch.jit.script`` function cannot take a Proxy: it is recorded as one call,
+    kept whole in a Functional module (transformers' ViTDet has such functions)."""
+    model = _UsesScriptFunction().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert compute_ops_outside_modules(gm) == []
+    assert qprep.verify(model, gm, (torch.randn(5, 4),)).equal
