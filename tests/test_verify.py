@@ -80,3 +80,21 @@ def test_gradients_through_a_forward_that_updates_its_input_in_place():
     gm = qprep.prepare(model, (torch.randn(3), torch.randn(3)))
     result = qprep.verify(model, gm, (torch.randn(3), torch.randn(3)), grad=True)
     assert result.equal and len(result.grads) == 2
+
+
+class _LocalNamedTuple(nn.Module):
+    """AIMET's InputOutputDictModel: a namedtuple class made inside forward, a new class on
+    every call."""
+
+    def forward(self, inputs):
+        output = collections.namedtuple("output", ["ab", "bc"])
+        return output(inputs["a"] * inputs["b"], inputs["b"] * 2)
+
+
+def test_a_namedtuple_class_made_in_forward_is_one_type_to_verify():
+    model = _LocalNamedTuple().eval()
+    gm = qprep.prepare(model, ({"a": torch.randn(2), "b": torch.randn(2)},))
+    assert qprep.verify(model, gm, ({"a": torch.randn(3), "b": torch.randn(3)},)).equal
+    other = collections.namedtuple("output", ["ab", "cd"])  # same name, other fields: still a difference
+    checks = compare(model({"a": torch.ones(1), "b": torch.ones(1)}), other(torch.ones(1), 2 * torch.ones(1)))
+    assert not all(c.equal for c in checks)
