@@ -2,7 +2,8 @@
 
 * Augmented assignment (``y += z``) is recorded as the in-place operator
   (``operator.iadd``); plain fx records ``operator.add``, which breaks aliasing.
-* ``y[:, 0] = v`` is recorded as ``operator.setitem``.
+* ``y[:, 0] = v`` is recorded as ``operator.setitem``; ``copy.copy`` / ``copy.deepcopy`` of a
+  traced value as calls of them.
 * ``math.ceil``/``floor``/``trunc``, ``round`` and ``divmod`` of a traced size stay symbolic.
 * Where Python needs a concrete value, ``bool()``, ``int()``, ``float()``, ``operator.index``
   (``range``, indexing a list), ``len()``, iteration and ``**``-unpacking, the proxy asks its
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import math
 import operator
 import sys
@@ -58,6 +60,21 @@ class QprepProxy(torch.fx.Proxy):
         if k.startswith("__"):  # copy, pickle and friends ask for dunders: not graph values
             raise AttributeError(k)
         return self.tracer.attribute(self, k)
+
+    def __deepcopy__(self, memo):
+        # `copy.deepcopy(cache_layer)` (transformers' Dory copies KV-cache layers in forward):
+        # a recorded call; without this, copy's reduce protocol built a half-made object of the
+        # example's class around this proxy's node
+        return self._copy_call(copy.deepcopy)
+
+    def __copy__(self):
+        return self._copy_call(copy.copy)
+
+    def _copy_call(self, how):
+        recording = getattr(self.tracer, "recording", None)
+        if recording is not None and recording():
+            return self.tracer.create_proxy("call_function", how, (self,), {})
+        return type(self)(self.node, self.tracer)
 
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})

@@ -40,7 +40,7 @@ import os
 import sys
 import threading
 import traceback
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -292,6 +292,7 @@ class QprepTracer(torch.fx.Tracer):
             patcher.patch(torch.__dict__, name, self._mode_read(getattr(torch, name)))
         patch_class_attribute(patcher, torch.autograd.Function, "apply", classmethod(self._function_apply()))
         patcher.patch(builtins.__dict__, "callable", self._callable(builtins.callable))
+        patcher.patch(torch.__dict__, "is_tensor", lambda obj: self.isinstance_of(obj, torch.Tensor, 2))
         self._install_python_rng(patcher)
         # `torch._check_with(ValueError, cond, msg)` on a traced condition (transformers 5's
         # torch_compilable_check): recorded as the same check, raised where the original raises
@@ -496,7 +497,7 @@ class QprepTracer(torch.fx.Tracer):
         persistent = name in module._buffers and name not in module._non_persistent_buffers_set  # noqa: SLF001
         if persistent or name in module._parameters or name in module._modules:  # noqa: SLF001
             return False  # a persistent buffer's new value would be in the original's state_dict
-        if not _from_shapes_and_constants(value.node):
+        if not _from_shapes_and_constants(value.node, self._is_constant_attribute):
             return False
         where = module._buffers if name in module._buffers else vars(module)  # noqa: SLF001
         self._cached.append((where, name, where.get(name, _MISSING)))
@@ -507,6 +508,18 @@ class QprepTracer(torch.fx.Tracer):
             f"self.{path + '.' if path else ''}{name} caches a value computed from input shapes and constants: "
             "the prepared model recomputes it on every call", _here(1)[0]))
         return True
+
+    def _is_constant_attribute(self, target: str) -> bool:
+        """Whether the ``get_attr`` target is a plain tensor attribute (``Detect.stride =
+        torch.tensor([8., 16., 32.])``): neither a Parameter nor a buffer, so no optimizer
+        step or ``load_state_dict`` changes it between calls."""
+        owner_path, _, name = target.rpartition(".")
+        with self.passthrough():
+            try:
+                owner = self.root.get_submodule(owner_path)
+            except AttributeError:
+                return False
+            return isinstance(vars(owner).get(name), torch.Tensor)
 
     def _restore_cached(self) -> None:
         while self._cached:
@@ -601,6 +614,22 @@ class QprepTracer(torch.fx.Tracer):
 
         return wrapper
 
+    def isinstance_of(self, obj: Any, classinfo: Any, depth: int) -> bool:
+        """``isinstance(x, torch.Tensor)`` (or ``torch.is_tensor(x)``) of a traced value: the
+        example's answer (a Proxy is no Tensor, so the trace took the other branch before).
+        Only an input's type can differ between calls (the graph fixes the rest):
+        ``isinstance(input, torch.Tensor)`` is guarded, at the caller ``depth`` frames up."""
+        if not (isinstance(obj, torch.fx.Proxy) and self.recording()):
+            return builtins.isinstance(obj, classinfo)
+        value = value_of(obj.node)
+        if value is UNKNOWN:
+            return builtins.isinstance(obj, classinfo)
+        answer = builtins.isinstance(value, classinfo)
+        if obj.node.op == "placeholder" and classinfo is torch.Tensor:
+            location, code = _here(depth)
+            self.guards.record(obj.node, "is_tensor", answer, location, code)
+        return answer
+
     def _shadow_len(self, fn) -> None:
         """``len(x)`` of a traced value in ``fn``'s module stays symbolic, and ``isinstance(x,
         ...)`` gives the example's answer with a guard: both are shadowed in that module's
@@ -617,19 +646,7 @@ class QprepTracer(torch.fx.Tracer):
         self._patcher.patch(namespace, "len", traced_len)
 
         def traced_isinstance(obj, classinfo):
-            # `isinstance(x, torch.Tensor)` of a traced value: the example's answer (a Proxy is no
-            # Tensor, so the trace took the other branch before). Only an input's type can differ
-            # between calls (the graph fixes the rest): `isinstance(input, torch.Tensor)` is guarded.
-            if not (isinstance(obj, torch.fx.Proxy) and self.recording()):
-                return builtins.isinstance(obj, classinfo)
-            value = value_of(obj.node)
-            if value is UNKNOWN:
-                return builtins.isinstance(obj, classinfo)
-            answer = builtins.isinstance(value, classinfo)
-            if obj.node.op == "placeholder" and classinfo is torch.Tensor:
-                location, code = _here(1)
-                self.guards.record(obj.node, "is_tensor", answer, location, code)
-            return answer
+            return self.isinstance_of(obj, classinfo, 2)
 
         self._patcher.patch(namespace, "isinstance", traced_isinstance)
         # `@torch.jit.script` functions cannot take a Proxy: each is recorded as one call
@@ -1209,17 +1226,17 @@ _RANDOM_METHODS = frozenset({"uniform_", "normal_", "bernoulli", "bernoulli_", "
                              "geometric_", "cauchy_", "log_normal_", "multinomial"})
 
 
-def _from_shapes_and_constants(node: torch.fx.Node) -> bool:
+def _from_shapes_and_constants(node: torch.fx.Node, constant: Callable[[str], bool] = lambda target: False) -> bool:
     """Whether ``node``'s value depends on nothing but the inputs' metadata and constants:
     no input or attribute data (placeholders and get_attr are read only through their
-    metadata), no module call, no random draw."""
+    metadata, but for the attributes ``constant`` accepts), no module call, no random draw."""
     todo, seen = [node], set()
     while todo:
         current = todo.pop()
         if current in seen:
             continue
         seen.add(current)
-        if is_metadata_read(current):
+        if is_metadata_read(current) or current.op == "get_attr" and constant(current.target):
             continue  # x.size(1), w.shape: not the data behind them
         if current.op in ("placeholder", "get_attr", "call_module"):
             return False
@@ -1227,8 +1244,31 @@ def _from_shapes_and_constants(node: torch.fx.Node) -> bool:
         if current.op == "call_method" and current.target in _RANDOM_METHODS \
                 or current.target in _RANDOM_CALLS or "dropout" in name or "rrelu" in name:
             return False
-        todo.extend(current.all_input_nodes)
+        todo.extend(_data_inputs(current))
     return True
+
+
+#: Tensor methods that read only the dtype and device of their tensor arguments at these
+#: positions (``arange(w).type_as(x)``, ``x.new_full(size, v)``); ``*_like`` factories (but
+#: the random ones) read only the metadata of their first.
+_METADATA_ARGUMENTS = {"type_as": (1,), "new_full": (0,), "new_zeros": (0,), "new_ones": (0,), "new_empty": (0,),
+                       "new_tensor": (0,)}
+_LIKE_FACTORIES = frozenset({torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like})
+
+
+def _data_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The input nodes whose data ``node`` reads (not only their dtype, device or shape)."""
+    if node.op == "call_method":
+        skip = _METADATA_ARGUMENTS.get(node.target, ())
+    elif node.op == "call_function" and node.target in _LIKE_FACTORIES:
+        skip = (0,)
+    else:
+        return node.all_input_nodes
+    metadata_only = {id(node.args[i]) for i in skip if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
+    rest = [node.args[i] for i in range(len(node.args)) if i not in skip]
+    found: list[torch.fx.Node] = []
+    map_aggregate((rest, node.kwargs), lambda a: found.append(a) if isinstance(a, torch.fx.Node) else None)
+    return [n for n in found if id(n) not in metadata_only or n in rest]
 
 
 def _mutates_first_argument(node: torch.fx.Node) -> bool:

@@ -293,7 +293,9 @@ class Values:
             real_args, real_kwargs = map_aggregate(args, real), map_aggregate(kwargs, real)
         except _NotScalar:
             return _NO_SCALARS
-        out = call(tuple(real_args), dict(real_kwargs))
+        # no tensor: the arguments themselves (map_aggregate makes lists immutable copies, and
+        # `cache.layers += [...]` must update the object's own list)
+        out = call(tuple(real_args), dict(real_kwargs)) if found else call(args, kwargs)
         value = out if isinstance(out, torch.Tensor) and not out.is_meta and out.dim() == 0 else None
         out = self._outputs(out, self._inputs_device(args, kwargs) if found else None)
         if value is not None:

@@ -3,6 +3,7 @@ the caller's random streams untouched, inputs cloned (a model may update them in
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from typing import Any, Callable, Iterator
@@ -50,12 +51,30 @@ def _restore(saved: tuple) -> None:
     for key in [k for k in current if k not in attrs]:
         del current[key]
     for key, value in attrs.items():
-        if key in contents:  # the same container object, with its old contents
-            value.clear()
-            value.update(contents[key])
+        if key in contents and not _same_contents(value, contents[key]):  # the same object, its old contents
+            _refill(value, contents[key])
         current[key] = value
     if type(module) is not cls:
         module.__class__ = cls
+
+
+def _refill(container: dict | set, saved: dict | set) -> None:
+    """``container`` holding ``saved`` again, through its base type's own methods, past a
+    subclass that refuses updates (diffusers' ``FrozenDict``, an ``OrderedDict``)."""
+    if isinstance(container, set):
+        set.clear(container)
+        set.update(container, saved)
+        return
+    base = collections.OrderedDict if isinstance(container, collections.OrderedDict) else dict
+    base.clear(container)
+    for k, v in saved.items():
+        base.__setitem__(container, k, v)
+
+
+def _same_contents(current: dict | set, saved: dict | set) -> bool:
+    if isinstance(current, dict):
+        return current.keys() == saved.keys() and all(current[k] is saved[k] for k in saved)
+    return current == saved
 
 
 @contextlib.contextmanager

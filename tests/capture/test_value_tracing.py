@@ -693,6 +693,45 @@ def test_a_cache_of_shapes_and_constants_is_recomputed_on_every_call(model):
             gm(torch.randn(1, 1, 4))
 
 
+class _AnchorHead(nn.Module):
+    """Ultralytics' YOLO Detect head: anchors cached per feature-map shape, computed from the
+    shapes, a plain tensor attribute (the strides) and the features' dtype only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.stride = torch.tensor([8.0, 16.0])  # a plain attribute: no optimizer or checkpoint changes it
+        self.shape = None
+
+    def forward(self, x):
+        feats = [self.conv(x), F.avg_pool2d(self.conv(x), 2)]
+        shape = feats[0].shape
+        if self.shape != shape:
+            points, strides = [], []
+            for i in range(len(feats)):
+                h, w = feats[i].shape[2:]
+                sx = torch.arange(w).type_as(feats[0]) + 0.5
+                sy = torch.arange(h).type_as(feats[0]) + 0.5
+                sy, sx = torch.meshgrid(sy, sx, indexing="ij")
+                points.append(torch.stack((sx, sy), -1).view(-1, 2))
+                strides.append(feats[0].new_full((h * w, 1), self.stride[i]))
+            self.anchors, self.strides = torch.cat(points), torch.cat(strides)
+            self.shape = shape
+        flat = torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)
+        return flat[..., :2] * self.strides + self.anchors
+
+
+def test_a_cache_of_shapes_dtypes_and_plain_tensor_attributes_is_recomputed():
+    """``type_as`` / ``new_full`` read only their tensor argument's dtype and device, and a
+    plain tensor attribute is a constant: the anchors are a cache, recomputed on every call
+    (Ultralytics YOLOv8/11 detection, segmentation and pose heads prepare this way)."""
+    model = _AnchorHead().eval()
+    gm = qprep.prepare(model, (torch.randn(1, 4, 8, 8),))
+    assert compute_ops_outside_modules(gm) == []
+    for shape in ((2, 4, 8, 8), (1, 4, 12, 16)):
+        assert qprep.verify(model, gm, (torch.randn(shape),)).equal, shape
+
+
 @pytest.mark.parametrize("model", [_Accumulates(), _RandomCache()], ids=["data", "random"])
 def test_state_kept_between_calls_is_still_refused(model):
     with pytest.raises(qprep.TraceError, match="assigns a traced value"):
@@ -1062,3 +1101,83 @@ def test_a_torchscript_function_is_one_call_in_a_module():
     gm = qprep.prepare(model, (torch.randn(2, 4),))
     assert compute_ops_outside_modules(gm) == []
     assert qprep.verify(model, gm, (torch.randn(5, 4),)).equal
+
+
+class _TimestepEmbedding(nn.Module):
+    """diffusers' UNet2DModel: ``if not torch.is_tensor(timesteps): timesteps = torch.tensor(...)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 4)
+
+    def forward(self, x, timesteps):
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], dtype=torch.long, device=x.device)
+        timesteps = timesteps * torch.ones(x.shape[0], dtype=timesteps.dtype, device=timesteps.device)
+        return x * self.fc(timesteps.float()[:, None])
+
+
+def test_torch_is_tensor_of_a_traced_value_answers_as_isinstance_does():
+    """A proxy is no tensor: ``torch.is_tensor`` took the other branch, and the prepared
+    model made a tensor of a tensor. It now gives the example's answer, guarded on inputs."""
+    model = _TimestepEmbedding().eval()
+    gm = qprep.prepare(model, (torch.randn(1, 4), torch.tensor([10])))
+    assert qprep.verify(model, gm, (torch.randn(3, 4), torch.tensor([500, 3, 7]))).equal
+    with pytest.raises(GuardError, match="timesteps"):
+        gm(torch.randn(2, 4), 5)
+
+
+class _FrozenDict(collections.OrderedDict):
+    """diffusers' ``FrozenDict`` config: no update after construction."""
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("frozen")
+
+    def clear(self):
+        raise RuntimeError("frozen")
+
+
+class _HoldsFrozenConfig(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self._internal_dict = _FrozenDict(scale=2.0)
+
+    def forward(self, x):
+        return self.fc(x) * self._internal_dict["scale"]
+
+
+def test_a_dict_subclass_that_refuses_updates_is_left_as_it_is():
+    """Putting the model's containers back after a trace touched only those that changed
+    (diffusers' UNet, VAE: 'You cannot use update on a FrozenDict instance')."""
+    model = _HoldsFrozenConfig().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert qprep.verify(model, gm, (torch.randn(3, 4),)).equal
+
+
+class _CacheLayer:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
+class _Memory:
+    def __init__(self, tensors):
+        self.layers = [_CacheLayer(t) for t in tensors]
+
+
+class _CopiesCacheLayers(nn.Module):
+    """transformers' Dory: ``cache.layers += [copy.deepcopy(c) for c in cache.layers[a:b]]``."""
+
+    def forward(self, x, memory):
+        memory.layers += [copy.deepcopy(layer) for layer in memory.layers]
+        memory.layers[-1].t.mul_(2.0)  # the copy's tensor, not the original layer's
+        return x + sum(layer.t for layer in memory.layers)
+
+
+def test_deepcopy_of_a_traced_object_and_iadd_on_its_list_are_recorded():
+    model = _CopiesCacheLayers().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 3), _Memory([torch.randn(2, 3), torch.randn(2, 3)])))
+    memory = _Memory([torch.randn(2, 3), torch.randn(2, 3)])
+    expected = model(torch.ones(2, 3), copy.deepcopy(memory))
+    assert torch.equal(gm(torch.ones(2, 3), memory), expected)
+    assert len(memory.layers) == 4 and torch.equal(memory.layers[3].t, memory.layers[1].t * 2)
