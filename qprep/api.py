@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import warnings
 from typing import Any
 
@@ -283,6 +284,23 @@ def _warn_if_inconclusive(result: VerifyResult) -> None:
 OPAQUE_ROOT = "model"
 
 
+def _other_uses(cls: type, name: str) -> str | None:
+    """An attribute other than ``forward`` that ``cls``'s code reads off ``self.<name>``
+    (torchvision's GeneralizedRCNN calls ``self.transform.postprocess``), in its own and its
+    base classes' source; ``None`` when these show none (or cannot be read: the verification
+    that follows still checks)."""
+    found: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] in ("torch", "builtins"):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        found |= {m.group(1) for m in re.finditer(rf"self\.{re.escape(name)}\.(\w+)", source)} - {"forward"}
+    return sorted(found)[0] if found else None
+
+
 def _prepare_inside(model: nn.Module, work: nn.Module, config: PrepareConfig, args: tuple, failure: TraceError,
                     *, check: bool, report: str | None) -> torch.fx.GraphModule:
     """``on_untraceable="leaf"`` when the model's own ``forward`` cannot be traced: that
@@ -305,6 +323,11 @@ def _prepare_inside(model: nn.Module, work: nn.Module, config: PrepareConfig, ar
         call_args, call_kwargs = calls[0]
         if call_kwargs:
             notes.append(TraceNote(name, type(child).__name__, "not prepared: called with keyword arguments"))
+            continue
+        used = _other_uses(type(work), name)
+        if used:  # `self.transform.postprocess(...)`: a GraphModule has only forward
+            notes.append(TraceNote(name, type(child).__name__, f"not prepared: the model's code also uses "
+                                   f"self.{name}.{used}, which a prepared graph module does not have"))
             continue
         try:
             prepared = prepare(child, call_args, config=config, inplace=True, check=False)

@@ -59,7 +59,7 @@ from ..core.guards import CONVERSIONS, Guard, check_guard
 from ..core.graph import constants_out_of_state
 from ..core.provenance import location_text
 from ..core.records import TraceNote
-from ..core.runtime import plain_object, structure_kept
+from ..core.runtime import plain_object, rebuild_object, structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
@@ -248,6 +248,7 @@ class QprepTracer(torch.fx.Tracer):
             self.values = Values(root, self.examples, self.passthrough)
             self._install_wrappers(patcher)
             self._shadow_len(getattr(type(root), "forward", None))
+            self._shadow_packages(root)
             try:
                 with self._tracing_into_wrapped_functions(patcher), self._runtime_construction():
                     return super().trace(root, concrete_args)
@@ -469,8 +470,9 @@ class QprepTracer(torch.fx.Tracer):
         tracer = self
 
         def setattr_(module, name, value):
-            if isinstance(value, torch.fx.Proxy) and tracer.recording():
-                if tracer._updates_in_place(module, name, value):
+            if tracer.recording() and (isinstance(value, torch.fx.Proxy) or _proxies_in(value)):
+                # a traced value, or a container of them (AnchorGenerator's `self.cell_anchors = [...]`)
+                if isinstance(value, torch.fx.Proxy) and tracer._updates_in_place(module, name, value):
                     return
                 if tracer._caches(module, name, value):
                     return
@@ -487,7 +489,7 @@ class QprepTracer(torch.fx.Tracer):
 
         return setattr_
 
-    def _caches(self, module: nn.Module, name: str, value: torch.fx.Proxy) -> bool:
+    def _caches(self, module: nn.Module, name: str, value: Any) -> bool:
         """``self.rel_indices = self.get_rel_indices(N)``: a plain attribute (or a buffer kept
         out of the state_dict) set to a value
         computed from nothing but the inputs' shapes and constants (no input data, no
@@ -497,7 +499,9 @@ class QprepTracer(torch.fx.Tracer):
         persistent = name in module._buffers and name not in module._non_persistent_buffers_set  # noqa: SLF001
         if persistent or name in module._parameters or name in module._modules:  # noqa: SLF001
             return False  # a persistent buffer's new value would be in the original's state_dict
-        if not _from_shapes_and_constants(value.node, self._is_constant_attribute):
+        if not isinstance(value, torch.fx.Proxy) and name in module._buffers:  # noqa: SLF001
+            return False
+        if not all(_from_shapes_and_constants(p.node, self._is_constant_attribute) for p in _proxies_in(value)):
             return False
         where = module._buffers if name in module._buffers else vars(module)  # noqa: SLF001
         self._cached.append((where, name, where.get(name, _MISSING)))
@@ -619,8 +623,8 @@ class QprepTracer(torch.fx.Tracer):
         example's answer (a Proxy is no Tensor, so the trace took the other branch before).
         Only an input's type can differ between calls (the graph fixes the rest):
         ``isinstance(input, torch.Tensor)`` is guarded, at the caller ``depth`` frames up."""
-        if not (isinstance(obj, torch.fx.Proxy) and self.recording()):
-            return builtins.isinstance(obj, classinfo)
+        if not (isinstance(obj, torch.fx.Proxy) and self.recording()) or builtins.isinstance(obj, classinfo):
+            return builtins.isinstance(obj, classinfo)  # `isinstance(x, torch.fx.Proxy)`: library code asks about tracing
         value = value_of(obj.node)
         if value is UNKNOWN:
             return builtins.isinstance(obj, classinfo)
@@ -635,7 +639,24 @@ class QprepTracer(torch.fx.Tracer):
         ...)`` gives the example's answer with a guard: both are shadowed in that module's
         globals for this trace, and so are its TorchScript functions (recorded as calls)."""
         namespace = getattr(fn, "__globals__", None)
-        if self._patcher is None or namespace is None or not self._patcher.visit_once(namespace):
+        if namespace is not None:
+            self._shadow_namespace(namespace)
+
+    def _shadow_packages(self, root: nn.Module) -> None:
+        """:meth:`_shadow_len` for every loaded module of the packages the model's classes
+        come from (not torch's, not qprep's): helpers that are no ``forward``, such as
+        torchvision's ``BoxCoder.decode`` asserting ``isinstance(rel_codes, torch.Tensor)``,
+        see traced values too."""
+        packages = {type(m).__module__.split(".")[0] for m in root.modules()}
+        packages |= {type(v).__module__.split(".")[0] for m in root.modules() for v in vars(m).values()
+                     if plain_object(v)}
+        packages -= {"torch", "qprep", "builtins"}
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] in packages and isinstance(getattr(module, "__dict__", None), dict):
+                self._shadow_namespace(module.__dict__)
+
+    def _shadow_namespace(self, namespace: dict) -> None:
+        if self._patcher is None or not self._patcher.visit_once(namespace):
             return
 
         def traced_len(obj):
@@ -773,6 +794,12 @@ class QprepTracer(torch.fx.Tracer):
             return self.create_node("call_function", type(a), (), fields)
         if type(a) is collections.OrderedDict:  # torchvision's segmentation models return one
             return self.create_node("call_function", collections.OrderedDict, (self.create_arg(dict(a)),), {})
+        if plain_object(a) and not dataclasses.is_dataclass(a) and type(vars(a)) is dict \
+                and tree_any(list(vars(a).values()), _is_proxy):
+            # an object of a user's class holding traced values (torchvision's ImageList): made
+            # again from its attributes when the graph runs, not kept as a constant of proxies
+            cls = self._constant(type(a))  # a class is no literal the generated code can write
+            return self.create_node("call_function", rebuild_object, (cls, self.create_arg(dict(vars(a)))), {})
         if dataclasses.is_dataclass(a) and not isinstance(a, type) and not tree_any(
                 [getattr(a, f.name, None) for f in dataclasses.fields(a)], _is_proxy):
             return self._constant(a)  # a config object passed along: a constant, not rebuilt per call
@@ -780,6 +807,10 @@ class QprepTracer(torch.fx.Tracer):
             return super().create_arg(a)
         except NotImplementedError:  # an object fx has no form for: held by the module, read by get_attr
             return self._constant(a)
+        except NameError as exc:  # fx: "parameter is not a member of this module"
+            raise ConcreteValueError(
+                f"a Parameter that is not one of {type(self.root).__name__}'s reaches the graph (another module's, "
+                "held in a container or given as an argument); the graph can only read its own") from exc
 
     def _constant(self, value: Any) -> torch.fx.Node:
         name = self.get_fresh_qualname("_qprep_constant")
@@ -1191,6 +1222,18 @@ def _changes_plain_state(module: nn.Module, name: str, value: Any, frame) -> boo
         return True
 
 
+def _proxies_in(value: Any) -> list[torch.fx.Proxy]:
+    """The traced values in ``value`` (itself, or in its lists, tuples and dicts)."""
+    if isinstance(value, torch.fx.Proxy):
+        return [value]
+    if type(value) in (list, tuple, dict):
+        found: list[torch.fx.Proxy] = []
+        for v in value.values() if isinstance(value, dict) else value:
+            found += _proxies_in(v)
+        return found
+    return []
+
+
 @dataclasses.dataclass
 class StateChange:
     """``forward`` gave the plain attribute ``module.name`` a new value (``old`` is
@@ -1359,7 +1402,12 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
     # fx's tracer stores the tensors it meets as constants on the root (``_tensor_constant0``)
     # and the GraphModule copies them; the model itself gets its attributes back.
     with structure_kept([model]):
-        guards, gm = _traced_graph_module(tracer, model, config, code_on_demand)
+        try:
+            guards, gm = _traced_graph_module(tracer, model, config, code_on_demand)
+        except BaseException:
+            for change in reversed(tracer.state_changes):  # a failed trace leaves no state behind
+                change.undo()
+            raise
     if tracer.state_changes:
         refused = _state_refusal(model, config, examples, gm, tracer.state_changes)
         if refused is not None:

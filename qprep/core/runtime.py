@@ -14,7 +14,7 @@ import torch.nn as nn
 from .inputs import Arguments, keywords_of
 from .template import tree_any
 
-__all__ = ["preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_object", "map_tensors", "seeded", "structure_kept",
+__all__ = ["rebuild_object", "preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_object", "map_tensors", "seeded", "structure_kept",
            "shallow_copy", "on_meta_device"]
 
 
@@ -193,3 +193,12 @@ def copy_object(obj: Any, fn: Callable[[torch.Tensor], Any], always: bool = Fals
         return copy.deepcopy(obj, memo)
     except Exception:  # noqa: BLE001  (an object that cannot be copied: as it is)
         return obj
+
+
+def rebuild_object(cls: type, state: dict) -> Any:
+    """A new ``cls`` object whose attributes are ``state``, made without calling ``__init__``:
+    how a prepared graph returns an object of a user's class that holds computed tensors
+    (torchvision's ``ImageList``), as ``copy.copy`` would make it."""
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj

@@ -1181,3 +1181,139 @@ def test_deepcopy_of_a_traced_object_and_iadd_on_its_list_are_recorded():
     expected = model(torch.ones(2, 3), copy.deepcopy(memory))
     assert torch.equal(gm(torch.ones(2, 3), memory), expected)
     assert len(memory.layers) == 4 and torch.equal(memory.layers[3].t, memory.layers[1].t * 2)
+
+
+class _UsesHelperObject(nn.Module):
+    def __init__(self):
+        from tests.capture.helpers_elsewhere import Decoder
+
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.decoder = Decoder(2.0)
+
+    def forward(self, x):
+        return self.decoder.decode(self.fc(x))
+
+
+def test_isinstance_in_a_helper_module_of_the_models_package_sees_the_example():
+    """``isinstance`` answers from the example in every loaded module of the model's package,
+    not only in the modules whose ``forward`` is traced (torchvision's BoxCoder.decode)."""
+    model = _UsesHelperObject().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    assert qprep.verify(model, gm, (torch.randn(3, 4),)).equal
+
+
+class _ReturnsBoxes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        from tests.capture.helpers_elsewhere import Boxes
+
+        return Boxes(self.fc(x), [tuple(x.shape[-1:])])
+
+
+def test_an_object_of_a_users_class_holding_traced_values_is_rebuilt_per_call():
+    """It used to be kept as a constant holding proxies, which the prepared model returned."""
+    model = _ReturnsBoxes().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 4),))
+    x = torch.randn(3, 4)
+    out = gm(x)
+    assert type(out).__name__ == "Boxes" and torch.equal(out.tensors, model(x).tensors) and out.sizes == [(4,)]
+    assert qprep.verify(model, gm, (x,)).equal
+
+
+class _CellAnchors(nn.Module):
+    """torchvision's AnchorGenerator: ``self.cell_anchors = [a.to(dtype, device) for a in ...]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.cell_anchors = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.cell_anchors = [a.to(dtype=y.dtype, device=y.device) for a in self.cell_anchors]
+        return y.flatten(1).sum(1, keepdim=True) + torch.cat(self.cell_anchors)
+
+
+class _KeepsDataInAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.history = []
+
+    def forward(self, x):
+        y = self.fc(x)
+        self.history = [y.detach()]  # data kept between calls, in a container
+        return y
+
+
+def test_a_list_of_traced_values_assigned_to_an_attribute_is_a_cache_or_refused():
+    """A container of traced values is judged as a traced value is: recomputed when made from
+    shapes and constants, refused when made from data. Before, the list of proxies stayed on
+    the module and leaked into later eager calls."""
+    model = _CellAnchors().eval()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 4, 4),))
+    assert qprep.verify(model, gm, (torch.randn(2, 3, 5, 5),)).equal
+    assert all(type(a) is torch.Tensor for a in model.cell_anchors)
+    keeper = _KeepsDataInAList().eval()
+    with pytest.raises(qprep.TraceError, match="assigns a traced value to _KeepsDataInAList.history"):
+        qprep.prepare(keeper, (torch.randn(2, 3),))
+    assert keeper.history == []
+
+
+class _CountsThenBranchesOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.fc(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_a_failed_trace_leaves_no_plain_state_behind():
+    """The trace itself puts a submodule's plain attributes back when it fails (the root's
+    were already put back), before prepare checks the example on the model eagerly."""
+    from qprep.capture.tracer import trace
+
+    model = nn.Sequential(nn.Linear(3, 3), _CountsThenBranchesOnData()).eval()
+    with pytest.raises(qprep.TraceError, match="y.sum"):
+        trace(model, examples={"input": torch.randn(2, 3)})
+    assert model[1].calls == 0
+
+
+class _OpaqueRoot(nn.Module):
+    """torchvision's GeneralizedRCNN: an untraceable root that calls another method of a child."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = _PreAndPost()
+        self.body = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+
+    def forward(self, x):
+        y = self.body(self.pre(x))
+        if y.sum() > 0:  # a branch on data: the root stays opaque
+            y = y * 2
+        return self.pre.post(y)
+
+
+class _PreAndPost(nn.Module):
+    def forward(self, x):
+        return x * 0.5
+
+    def post(self, y):
+        return y + 1
+
+
+def test_an_opaque_roots_child_whose_other_methods_it_calls_is_not_replaced():
+    model = _OpaqueRoot().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 3),), on_untraceable="leaf")
+    assert type(gm.model.pre) is _PreAndPost and isinstance(gm.model.body, torch.fx.GraphModule)
+    notes = gm.meta["qprep"]["preparation"].trace_notes
+    assert any("self.pre.post" in n.reason for n in notes), notes
+    assert qprep.verify(model, gm, (torch.randn(4, 3),)).equal
