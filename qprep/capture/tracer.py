@@ -222,6 +222,7 @@ class QprepTracer(torch.fx.Tracer):
         self._evaluating = 0
         self._patcher = None
         self._tensor_names: dict[int, str] | None = None
+        self._unbound: set[str] = set()  # torch.Tensor methods patched for unbound calls
 
     # -- who is tracing ----------------------------------------------------------------
     def recording(self) -> bool:
@@ -474,6 +475,8 @@ class QprepTracer(torch.fx.Tracer):
                 # a traced value, or a container of them (AnchorGenerator's `self.cell_anchors = [...]`)
                 if isinstance(value, torch.fx.Proxy) and tracer._updates_in_place(module, name, value):
                     return
+                if tracer._rebinds_buffer(module, name, value):
+                    return
                 if tracer._caches(module, name, value):
                     return
                 raise StatefulForwardError(
@@ -488,6 +491,28 @@ class QprepTracer(torch.fx.Tracer):
             original(module, name, value)
 
         return setattr_
+
+    def _rebinds_buffer(self, module: nn.Module, name: str, value: Any) -> bool:
+        """``self.ema = self.ema * 0.9 + m * 0.1`` re-binds a buffer to a new tensor of its
+        shape, dtype and device that needs no gradient: recorded as ``self.ema.copy_(new)``, so
+        the buffer holds the new values after each call, as the original's does (the buffer
+        stays the same tensor object, updated in place, where the original's is a new one)."""
+        old = module._buffers.get(name) if isinstance(value, torch.fx.Proxy) else None  # noqa: SLF001
+        new = value_of(value.node) if old is not None else None
+        if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.dtype != old.dtype \
+                or new.requires_grad or old.requires_grad or self.values is None \
+                or self.values.device(new) != old.device:
+            return False
+        buffer = getattr(module, name)  # the buffer's get_attr node
+        if not isinstance(buffer, torch.fx.Proxy):
+            return False
+        self.create_proxy("call_method", "copy_", (buffer, value), {})
+        path = self.path_of_module(module)
+        self.notes.append(TraceNote(
+            "", type(module).__name__,
+            f"self.{path + '.' if path else ''}{name} is re-bound to a new tensor of its shape and dtype: the "
+            "prepared model updates the buffer in place", _here(2)[0]))
+        return True
 
     def _caches(self, module: nn.Module, name: str, value: Any) -> bool:
         """``self.rel_indices = self.get_rel_indices(N)``: a plain attribute (or a buffer kept
@@ -641,6 +666,30 @@ class QprepTracer(torch.fx.Tracer):
         namespace = getattr(fn, "__globals__", None)
         if namespace is not None:
             self._shadow_namespace(namespace)
+            self._unbound_tensor_methods(fn, namespace)
+
+    def _unbound_tensor_methods(self, fn, namespace: dict) -> None:
+        """``torch.Tensor.add(x, y)`` in ``fn``: torch's C method rejects a proxy, so for this
+        trace each such name on ``torch.Tensor`` is a function that records the method call
+        (``x.add(y)``) for a traced value and calls torch's method on anything else."""
+        code = getattr(fn, "__code__", None)
+        if code is None or self._patcher is None:
+            return
+        for name in _unbound_method_names(code, namespace):
+            if name not in self._unbound:
+                self._unbound.add(name)
+                patch_class_attribute(self._patcher, torch.Tensor, name, self._unbound_method(name))
+
+    def _unbound_method(self, name: str):
+        original = getattr(torch.Tensor, name)
+
+        def method(receiver, *args, **kwargs):
+            if isinstance(receiver, torch.fx.Proxy) and self.recording():
+                return getattr(receiver, name)(*args, **kwargs)
+            return original(receiver, *args, **kwargs)
+
+        method.__name__ = name
+        return method
 
     def _shadow_packages(self, root: nn.Module) -> None:
         """:meth:`_shadow_len` for every loaded module of the packages the model's classes
@@ -1220,6 +1269,33 @@ def _changes_plain_state(module: nn.Module, name: str, value: Any, frame) -> boo
         return not (type(old) is type(value) and isinstance(value, _PLAIN_VALUES) and bool(old == value))
     except Exception:  # noqa: BLE001  (an element without a plain ==)
         return True
+
+
+def _unbound_method_names(code, namespace: dict) -> set[str]:
+    """Names ``code`` (and the functions and comprehensions in it) reads off ``torch.Tensor``
+    (``torch.Tensor.add``, or ``Tensor.add`` after ``from torch import Tensor``) that are
+    torch's C methods, not functions of ``torch.Tensor``'s own (those take a proxy already)."""
+    names: set[str] = set()
+    if "Tensor" not in code.co_names:
+        return names
+    previous: list = []
+    for inst in dis.get_instructions(code):
+        if inst.opname in ("LOAD_ATTR", "LOAD_METHOD") and len(previous) >= 1:
+            last = previous[-1]
+            tensor = last.argval == "Tensor" and (
+                last.opname in ("LOAD_ATTR", "LOAD_METHOD") and len(previous) >= 2 and previous[-2].argval == "torch"
+                and namespace.get("torch") is torch
+                or last.opname == "LOAD_GLOBAL" and namespace.get("Tensor") is torch.Tensor
+                or last.opname in ("LOAD_FAST", "LOAD_DEREF"))  # `from torch import Tensor` in the function
+            name = inst.argval
+            if tensor and isinstance(name, str) and not name.startswith("__") and name not in torch.Tensor.__dict__ \
+                    and callable(getattr(torch.Tensor, name, None)):
+                names.add(name)
+        previous = (previous + [inst])[-2:]
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            names |= _unbound_method_names(const, namespace)
+    return names
 
 
 def _proxies_in(value: Any) -> list[torch.fx.Proxy]:

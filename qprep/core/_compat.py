@@ -99,10 +99,24 @@ def new_patcher():
 def patch_class_attribute(patcher, cls: type, name: str, new: Any) -> None:
     """Set ``cls.name`` to ``new`` until ``patcher`` exits, restoring the class's own entry
     (a descriptor, such as ``Function.apply``'s classmethod; fx's ``patch_method`` would put
-    back the bound method it read, which binds every subclass to ``cls``)."""
-    patch = _fx_trace._PatchedFnSetAttr(cls, name, cls.__dict__[name], new)  # noqa: SLF001
+    back the bound method it read, which binds every subclass to ``cls``), or removing it
+    again when ``cls`` only inherits ``name`` (``torch.Tensor.add`` is ``TensorBase``'s)."""
+    if name in cls.__dict__:
+        patch = _fx_trace._PatchedFnSetAttr(cls, name, cls.__dict__[name], new)  # noqa: SLF001
+    else:
+        patch = _ClassAttributeAdded(cls, name, None, new)
     patcher.patches_made.append(patch)
     patch.patch()
+
+
+class _ClassAttributeAdded(_fx_trace._PatchedFn):  # noqa: SLF001
+    """A class attribute set for one trace where the class had none of its own."""
+
+    def patch(self):
+        setattr(self.frame_dict, self.fn_name, self.new_fn)
+
+    def revert(self):
+        delattr(self.frame_dict, self.fn_name)
 
 
 def wrapped_function_registry() -> dict:

@@ -1317,3 +1317,65 @@ def test_an_opaque_roots_child_whose_other_methods_it_calls_is_not_replaced():
     notes = gm.meta["qprep"]["preparation"].trace_notes
     assert any("self.pre.post" in n.reason for n in notes), notes
     assert qprep.verify(model, gm, (torch.randn(4, 3),)).equal
+
+
+class _UnboundTensorMethods(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x, y):
+        from torch import Tensor
+
+        a = torch.Tensor.add(self.fc(x), y) + torch.Tensor.sigmoid(x) + Tensor.mul(x, 2.0)
+        return [torch.Tensor.relu(t) for t in (a, y)]
+
+
+def test_unbound_tensor_methods_are_method_calls():
+    """``torch.Tensor.add(x, y)``: torch's C method rejects a proxy (plain fx fails too). For
+    the trace, the names a forward reads off ``torch.Tensor`` record the method call; the class
+    is as before afterwards."""
+    model = _UnboundTensorMethods().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 3), torch.randn(2, 3)))
+    assert compute_ops_outside_modules(gm) == []
+    assert qprep.verify(model, gm, (torch.randn(4, 3), torch.randn(4, 3))).equal
+    assert "add" not in torch.Tensor.__dict__ and torch.Tensor.add is torch._C.TensorBase.add
+
+
+class _EmaRebound(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.register_buffer("ema", torch.zeros(3))
+        self.register_buffer("count", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        y = self.fc(x)
+        self.ema = self.ema * 0.9 + y.detach().mean(0) * 0.1  # re-bound, not updated in place
+        self.count = self.count + 1
+        return y - self.ema * self.count
+
+
+class _EmaPromoted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(3))
+
+    def forward(self, x):
+        self.ema = self.ema * 0.9 + x.mean(0)  # float64 input: the buffer would become float64
+        return x - self.ema
+
+
+def test_a_buffer_rebound_to_a_like_tensor_is_updated_in_place():
+    """The buffer holds the original's values after every call; a re-binding that would change
+    its dtype (or shape, or need a gradient) is still refused with the line."""
+    model = _EmaRebound().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 3),))
+    reference = copy.deepcopy(model)
+    for _ in range(3):
+        x = torch.randn(4, 3)
+        assert torch.equal(gm(x), reference(x))
+        assert torch.equal(gm.ema, reference.ema) and torch.equal(gm.count, reference.count)
+    assert list(gm.state_dict()) == list(model.state_dict()) and float(model.count) == 0.0
+    with pytest.raises(qprep.TraceError, match="assigns a traced value to _EmaPromoted.ema"):
+        qprep.prepare(_EmaPromoted(), (torch.randn(2, 3, dtype=torch.float64),))
