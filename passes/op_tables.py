@@ -10,6 +10,7 @@ import torch.nn.utils.rnn as rnn_utils
 
 from qprep import modules as qm
 from qprep.core._compat import assert_is_none, enter_autocast, exit_autocast, set_grad_enabled, switch_grad_mode
+from qprep.core.guards import update_buffer
 from qprep.core.runtime import rebuild_object
 
 __all__ = ["FUNCTION_TABLE", "METHOD_TABLE", "DATA_MOVEMENT_METHODS", "DATA_MOVEMENT_FUNCTIONS"]
@@ -107,7 +108,7 @@ DATA_MOVEMENT_METHODS: frozenset = frozenset({
 
 #: Functions left as graph nodes by policy (matched by identity): indexing, views, factories.
 DATA_MOVEMENT_FUNCTIONS: frozenset = frozenset({
-    operator.getitem, getattr, torch._assert, rebuild_object,
+    operator.getitem, getattr, torch._assert, rebuild_object, update_buffer,
     *(getattr(torch, name) for name in ("_check", "_check_with", "_check_tensor_all", "_check_tensor_all_with")
       if hasattr(torch, name)),  # runtime checks (transformers' torch_compilable_check): no compute
     torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,

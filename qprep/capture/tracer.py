@@ -55,7 +55,7 @@ from ..core._compat import (
 )
 from ..core.config import PrepareConfig
 from ..core.errors import InputError, TraceError
-from ..core.guards import CONVERSIONS, Guard, check_guard
+from ..core.guards import CONVERSIONS, Guard, check_guard, update_buffer
 from ..core.graph import constants_out_of_state
 from ..core.provenance import location_text
 from ..core.records import TraceNote
@@ -223,6 +223,7 @@ class QprepTracer(torch.fx.Tracer):
         self._patcher = None
         self._tensor_names: dict[int, str] | None = None
         self._unbound: set[str] = set()  # torch.Tensor methods patched for unbound calls
+        self._shadows: tuple | None = None  # the len / isinstance that namespaces get for this trace
 
     # -- who is tracing ----------------------------------------------------------------
     def recording(self) -> bool:
@@ -475,9 +476,9 @@ class QprepTracer(torch.fx.Tracer):
                 # a traced value, or a container of them (AnchorGenerator's `self.cell_anchors = [...]`)
                 if isinstance(value, torch.fx.Proxy) and tracer._updates_in_place(module, name, value):
                     return
-                if tracer._rebinds_buffer(module, name, value):
-                    return
                 if tracer._caches(module, name, value):
+                    return
+                if tracer._rebinds_buffer(module, name, value):
                     return
                 raise StatefulForwardError(
                     f"forward assigns a traced value to {type(module).__name__}.{name}: a prepared graph "
@@ -494,9 +495,10 @@ class QprepTracer(torch.fx.Tracer):
 
     def _rebinds_buffer(self, module: nn.Module, name: str, value: Any) -> bool:
         """``self.ema = self.ema * 0.9 + m * 0.1`` re-binds a buffer to a new tensor of its
-        shape, dtype and device that needs no gradient: recorded as ``self.ema.copy_(new)``, so
-        the buffer holds the new values after each call, as the original's does (the buffer
-        stays the same tensor object, updated in place, where the original's is a new one)."""
+        shape, dtype and device that needs no gradient: recorded as an in-place update
+        (:func:`~qprep.core.guards.update_buffer`), so the buffer holds the new values after each call, as the original's does (the buffer
+        stays the same tensor object, updated in place, where the original's is a new one;
+        :func:`update_buffer` refuses a call whose new value would not fit)."""
         old = module._buffers.get(name) if isinstance(value, torch.fx.Proxy) else None  # noqa: SLF001
         new = value_of(value.node) if old is not None else None
         if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.dtype != old.dtype \
@@ -506,12 +508,14 @@ class QprepTracer(torch.fx.Tracer):
         buffer = getattr(module, name)  # the buffer's get_attr node
         if not isinstance(buffer, torch.fx.Proxy):
             return False
-        self.create_proxy("call_method", "copy_", (buffer, value), {})
         path = self.path_of_module(module)
+        location = _here(2)[0]
+        self.create_proxy("call_function", update_buffer, (buffer, value, f"{path + '.' if path else ''}{name}",
+                                                            location), {})
         self.notes.append(TraceNote(
             "", type(module).__name__,
             f"self.{path + '.' if path else ''}{name} is re-bound to a new tensor of its shape and dtype: the "
-            "prepared model updates the buffer in place", _here(2)[0]))
+            "prepared model updates the buffer in place", location))
         return True
 
     def _caches(self, module: nn.Module, name: str, value: Any) -> bool:
@@ -702,27 +706,27 @@ class QprepTracer(torch.fx.Tracer):
         packages -= {"torch", "qprep", "builtins"}
         for name, module in list(sys.modules.items()):
             if name.split(".")[0] in packages and isinstance(getattr(module, "__dict__", None), dict):
-                self._shadow_namespace(module.__dict__)
+                self._shadow_namespace(module.__dict__, script_functions=False)
 
-    def _shadow_namespace(self, namespace: dict) -> None:
+    def _shadow_namespace(self, namespace: dict, script_functions: bool = True) -> None:
         if self._patcher is None or not self._patcher.visit_once(namespace):
             return
+        if self._shadows is None:  # one pair of functions for every namespace of this trace
+            def traced_len(obj):
+                if isinstance(obj, torch.fx.Proxy) and self.recording():
+                    return self.create_proxy("call_function", builtins.len, (obj,), {})
+                return builtins.len(obj)
 
-        def traced_len(obj):
-            if isinstance(obj, torch.fx.Proxy) and self.recording():
-                return self.create_proxy("call_function", builtins.len, (obj,), {})
-            return builtins.len(obj)
+            def traced_isinstance(obj, classinfo):
+                return self.isinstance_of(obj, classinfo, 2)
 
-        self._patcher.patch(namespace, "len", traced_len)
-
-        def traced_isinstance(obj, classinfo):
-            return self.isinstance_of(obj, classinfo, 2)
-
-        self._patcher.patch(namespace, "isinstance", traced_isinstance)
-        # `@torch.jit.script` functions cannot take a Proxy: each is recorded as one call
-        for name, value in list(namespace.items()):
-            if isinstance(value, torch.jit.ScriptFunction):
-                self._patcher.patch(namespace, name, self._recorded(value, always=False))
+            self._shadows = (traced_len, traced_isinstance)
+        self._patcher.patch(namespace, "len", self._shadows[0])
+        self._patcher.patch(namespace, "isinstance", self._shadows[1])
+        if script_functions:  # `@torch.jit.script` functions cannot take a Proxy: each is recorded as one call
+            for name, value in list(namespace.items()):
+                if isinstance(value, torch.jit.ScriptFunction):
+                    self._patcher.patch(namespace, name, self._recorded(value, always=False))
 
     # -- the root's arguments -------------------------------------------------------------
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):

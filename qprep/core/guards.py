@@ -18,7 +18,7 @@ import torch.fx
 
 from .errors import GuardError
 
-__all__ = ["Guard", "check_guard", "is_guard", "CONVERSIONS"]
+__all__ = ["Guard", "check_guard", "update_buffer", "is_guard", "CONVERSIONS"]
 
 #: how a guarded value is read: the Python conversion the traced code applied to it.
 CONVERSIONS = {
@@ -85,9 +85,28 @@ def check_guard(value: Any, expected: Any, how: str, expression: str, location: 
     )
 
 
+def update_buffer(buffer: torch.Tensor, new: torch.Tensor, name: str, location: str) -> torch.Tensor:
+    """``self.<name> = new`` on a buffer, as a prepared graph records it: the buffer takes the
+    new values in place. The trace's new value had the buffer's shape and dtype and needed no
+    gradient; a call whose value does not (a length the code makes it follow) raises
+    :class:`GuardError`, where an in-place copy would fail or differ."""
+    if new.shape != buffer.shape or new.dtype != buffer.dtype or new.requires_grad:
+        actual = (tuple(new.shape), new.dtype, new.requires_grad)
+        raise GuardError(
+            f"this call does not match the prepared model's specialisation: `self.{name} = ...` gives the buffer "
+            f"a tensor of shape {actual[0]}, {actual[1]}{', requiring grad' if actual[2] else ''}; the model was "
+            f"prepared to update it in place as {tuple(buffer.shape)}, {buffer.dtype} (at {location}).",
+            expression=f"self.{name}", expected=(tuple(buffer.shape), buffer.dtype, False), actual=actual,
+            location=location)
+    with torch.no_grad():
+        buffer.copy_(new)
+    return buffer
+
+
 # Re-tracing a prepared model's code (torch.fx does when it unpickles one) records the check
 # as a call instead of running it on the tracer's proxies.
 torch.fx.wrap("check_guard")
+torch.fx.wrap("update_buffer")
 
 
 def is_guard(node) -> bool:

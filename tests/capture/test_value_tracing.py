@@ -1379,3 +1379,18 @@ def test_a_buffer_rebound_to_a_like_tensor_is_updated_in_place():
     assert list(gm.state_dict()) == list(model.state_dict()) and float(model.count) == 0.0
     with pytest.raises(qprep.TraceError, match="assigns a traced value to _EmaPromoted.ema"):
         qprep.prepare(_EmaPromoted(), (torch.randn(2, 3, dtype=torch.float64),))
+    follows = _LastRowSums().eval()
+    gm = qprep.prepare(follows, (torch.randn(2, 3),))
+    assert qprep.verify(follows, gm, (torch.randn(2, 3),)).equal
+    with pytest.raises(GuardError, match=r"self.sums = \.\.\.` gives the buffer a tensor of shape \(5,\)"):
+        gm(torch.randn(5, 3))  # the original re-binds to a longer buffer; an in-place copy cannot
+
+
+class _LastRowSums(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("sums", torch.zeros(2))
+
+    def forward(self, x):
+        self.sums = x.detach().sum(1)  # its length follows the batch
+        return x * 2
