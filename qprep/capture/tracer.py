@@ -72,6 +72,7 @@ __all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote", "Traced"]
 
 _QPREP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_LIBRARY_DIRS = (os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))  # code that is not the model's
 # Frames never shown as a node's source: qprep's own machinery (not its examples) and
 # torch's call plumbing. Directory prefixes end in a separator: torch/ is not torchvision/.
 _SKIP_FRAMES = (
@@ -128,7 +129,7 @@ class StatefulForwardError(ConcreteValueError):
 def _user_frame(tb) -> traceback.FrameSummary | None:
     """The innermost frame of the traceback that is user code (not torch, not qprep)."""
     frames = traceback.extract_tb(tb)
-    for skip in ((os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, "")), _SKIP_FRAMES):
+    for skip in (_LIBRARY_DIRS, _SKIP_FRAMES):
         for frame in reversed(frames):
             path = os.path.abspath(frame.filename)
             if not path.startswith(skip) or path == _EXAMPLES:
@@ -316,8 +317,8 @@ class QprepTracer(torch.fx.Tracer):
 
     def _refused_draw(self, original, qualified: str):
         def draw(*args, **kwargs):
-            if self.recording() and not os.path.abspath(sys._getframe(1).f_code.co_filename).startswith(  # noqa: SLF001
-                    (os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))):
+            caller = sys._getframe(1).f_code.co_filename  # noqa: SLF001
+            if self.recording() and not os.path.abspath(caller).startswith(_LIBRARY_DIRS):
                 raise StatefulForwardError(
                     f"forward draws from {qualified}(): the prepared graph would repeat the trace's draw on every "
                     "call; draw with torch (torch.rand) or keep the module a leaf")
@@ -361,8 +362,7 @@ class QprepTracer(torch.fx.Tracer):
         torch's own reads (kernel choices, such as the attention fast path) are not guarded."""
         def read(*args):
             caller = sys._getframe(1).f_code.co_filename  # noqa: SLF001
-            if not self.recording() or os.path.abspath(caller).startswith(
-                    (os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))):
+            if not self.recording() or os.path.abspath(caller).startswith(_LIBRARY_DIRS):
                 return original(*args)
             args = tuple(self.concrete(a, "value") if isinstance(a, torch.fx.Proxy) else a for a in args)
             mode = original(*args)
@@ -496,7 +496,8 @@ class QprepTracer(torch.fx.Tracer):
     def _rebinds_buffer(self, module: nn.Module, name: str, value: Any) -> bool:
         """``self.ema = self.ema * 0.9 + m * 0.1`` re-binds a buffer to a new tensor of its
         shape, dtype and device that needs no gradient: recorded as an in-place update
-        (:func:`~qprep.core.guards.update_buffer`), so the buffer holds the new values after each call, as the original's does (the buffer
+        (:func:`~qprep.core.guards.update_buffer`), so the buffer holds the new values after
+        each call, as the original's does (the buffer
         stays the same tensor object, updated in place, where the original's is a new one;
         :func:`update_buffer` refuses a call whose new value would not fit)."""
         old = module._buffers.get(name) if isinstance(value, torch.fx.Proxy) else None  # noqa: SLF001
@@ -653,7 +654,7 @@ class QprepTracer(torch.fx.Tracer):
         Only an input's type can differ between calls (the graph fixes the rest):
         ``isinstance(input, torch.Tensor)`` is guarded, at the caller ``depth`` frames up."""
         if not (isinstance(obj, torch.fx.Proxy) and self.recording()) or builtins.isinstance(obj, classinfo):
-            return builtins.isinstance(obj, classinfo)  # `isinstance(x, torch.fx.Proxy)`: library code asks about tracing
+            return builtins.isinstance(obj, classinfo)  # `isinstance(x, torch.fx.Proxy)`: code asks if it is traced
         value = value_of(obj.node)
         if value is UNKNOWN:
             return builtins.isinstance(obj, classinfo)
@@ -1217,7 +1218,8 @@ def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseE
     if not isinstance(exc, StatefulForwardError):
         hints.append("pass concrete_args for the input the code branches on")
     hints.append("use on_untraceable='leaf' to keep untraceable submodules opaque")
-    message = f"cannot trace {where}{at}{code}: {reason}.\nFix: {', '.join(hints[:-1])}{', or ' if len(hints) > 1 else ''}{hints[-1]}."
+    fix = f"{', '.join(hints[:-1])}, or {hints[-1]}" if len(hints) > 1 else hints[0]
+    message = f"cannot trace {where}{at}{code}: {reason}.\nFix: {fix}."
 
     return TraceError(message, module=name, module_type=type(m).__name__, location=location)
 
@@ -1264,7 +1266,7 @@ def _changes_plain_state(module: nn.Module, name: str, value: Any, frame) -> boo
     prepared graph keeps what the trace saw."""
     if name in module._parameters or name in module._buffers or name in module._modules:  # noqa: SLF001
         return False
-    if os.path.abspath(frame.f_code.co_filename).startswith((os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))):
+    if os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
         return False
     old = vars(module).get(name, _MISSING)
     if old is value:
