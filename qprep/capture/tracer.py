@@ -485,10 +485,14 @@ class QprepTracer(torch.fx.Tracer):
                     f"holds no state between calls; update a buffer in place (self.{name}.copy_(...)) or keep "
                     f"the module a leaf")
             if tracer.recording() and _changes_plain_state(module, name, value, sys._getframe(1)):  # noqa: SLF001
-                location, code = _here(1)
-                tracer.state_changes.append(
-                    StateChange(module, tracer.path_of_module(module), name, vars(module).get(name, _MISSING), value,
-                                location, code))
+                try:
+                    path = tracer.path_of_module(module)
+                except NameError:  # a module forward makes (BigBird's new attention): its own __init__ writing
+                    path = None
+                if path is not None:
+                    location, code = _here(1)
+                    tracer.state_changes.append(
+                        StateChange(module, path, name, vars(module).get(name, _MISSING), value, location, code))
             original(module, name, value)
 
         return setattr_

@@ -1394,3 +1394,29 @@ class _LastRowSums(nn.Module):
     def forward(self, x):
         self.sums = x.detach().sum(1)  # its length follows the batch
         return x * 2
+
+
+class _Scaler(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor  # written by __init__ during the trace: not the model's state
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class _MakesAModuleInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return _Scaler(2.0)(self.fc(x))
+
+
+def test_a_module_made_in_forward_may_set_its_own_attributes():
+    """Its ``__init__`` writes plain attributes of a module not installed in the model: no
+    state change of the model (transformers' BigBird builds attention modules in forward)."""
+    model = _MakesAModuleInForward().eval()
+    gm = qprep.prepare(model, (torch.randn(2, 3),))
+    assert qprep.verify(model, gm, (torch.randn(4, 3),)).equal
