@@ -73,6 +73,11 @@ __all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote", "Traced"]
 _QPREP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _LIBRARY_DIRS = (os.path.join(_TORCH_DIR, ""), os.path.join(_QPREP_DIR, ""))  # code that is not the model's
+
+
+def _library_code(filename: str) -> bool:
+    """Whether ``filename`` is torch's or qprep's code, not the model's."""
+    return os.path.abspath(filename).startswith(_LIBRARY_DIRS)
 # Frames never shown as a node's source: qprep's own machinery (not its examples) and
 # torch's call plumbing. Directory prefixes end in a separator: torch/ is not torchvision/.
 _SKIP_FRAMES = (
@@ -317,8 +322,7 @@ class QprepTracer(torch.fx.Tracer):
 
     def _refused_draw(self, original, qualified: str):
         def draw(*args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename  # noqa: SLF001
-            if self.recording() and not os.path.abspath(caller).startswith(_LIBRARY_DIRS):
+            if self.recording() and not _library_code(sys._getframe(1).f_code.co_filename):  # noqa: SLF001
                 raise StatefulForwardError(
                     f"forward draws from {qualified}(): the prepared graph would repeat the trace's draw on every "
                     "call; draw with torch (torch.rand) or keep the module a leaf")
@@ -361,8 +365,7 @@ class QprepTracer(torch.fx.Tracer):
         ``maybe_autocast``). A traced argument (``x.device.type``) is the example's, guarded.
         torch's own reads (kernel choices, such as the attention fast path) are not guarded."""
         def read(*args):
-            caller = sys._getframe(1).f_code.co_filename  # noqa: SLF001
-            if not self.recording() or os.path.abspath(caller).startswith(_LIBRARY_DIRS):
+            if not self.recording() or _library_code(sys._getframe(1).f_code.co_filename):  # noqa: SLF001
                 return original(*args)
             args = tuple(self.concrete(a, "value") if isinstance(a, torch.fx.Proxy) else a for a in args)
             mode = original(*args)
@@ -547,17 +550,22 @@ class QprepTracer(torch.fx.Tracer):
             "the prepared model recomputes it on every call", _here(1)[0]))
         return True
 
+    def _owner_of(self, target: str) -> tuple[nn.Module | None, str]:
+        """The module holding the ``get_attr`` target (the module itself, not its proxy), and
+        the attribute's name in it; ``None`` when there is no such module."""
+        owner_path, _, name = target.rpartition(".")
+        with self.passthrough():
+            try:
+                return self.root.get_submodule(owner_path), name
+            except AttributeError:
+                return None, name
+
     def _is_constant_attribute(self, target: str) -> bool:
         """Whether the ``get_attr`` target is a plain tensor attribute (``Detect.stride =
         torch.tensor([8., 16., 32.])``): neither a Parameter nor a buffer, so no optimizer
         step or ``load_state_dict`` changes it between calls."""
-        owner_path, _, name = target.rpartition(".")
-        with self.passthrough():
-            try:
-                owner = self.root.get_submodule(owner_path)
-            except AttributeError:
-                return False
-            return isinstance(vars(owner).get(name), torch.Tensor)
+        owner, name = self._owner_of(target)
+        return owner is not None and isinstance(vars(owner).get(name), torch.Tensor)
 
     def _restore_cached(self) -> None:
         while self._cached:
@@ -902,10 +910,9 @@ class QprepTracer(torch.fx.Tracer):
         if type(value) not in (torch.Tensor, nn.Parameter):
             return False
         if node.op == "get_attr":
-            real = self.root
-            with self.passthrough():  # the tensors themselves, not their proxies
-                for part in node.target.split("."):
-                    real = getattr(real, part, None)
+            owner, field = self._owner_of(node.target)
+            with self.passthrough():  # the tensor itself, not its proxy
+                real = getattr(owner, field, None)
             return isinstance(real, torch.Tensor) and not hasattr(real, name)
         return node.op in ("call_function", "call_method", "call_module")
 
@@ -1210,13 +1217,16 @@ def _unpacked_count(frame) -> int | None:
     return None
 
 
-def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseException) -> TraceError:
+def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseException,
+                 code: str | None = None) -> TraceError:
+    """The error for module ``name`` (``""``: the root), naming the line: ``code``, or the
+    innermost user frame of ``exc``'s traceback."""
     where = f"module '{name}' ({type(m).__name__})" if name else f"the model's forward ({type(m).__name__})"
     at = f" at {location}" if location else ""
-    code = ""
-    frame = _user_frame(exc.__traceback__)
-    if frame is not None and frame.line:
-        code = f": `{frame.line.strip()}`"
+    if code is None:
+        frame = _user_frame(exc.__traceback__)
+        code = frame.line if frame is not None and frame.line else ""
+    code = f": `{code.strip()}`" if code else ""
     hints = [f"mark it as a leaf (PrepareConfig(leaf_modules=('{name}',)) or leaf_modules=[{type(m).__name__}])"] \
         if name else []
     if not isinstance(exc, StatefulForwardError):
@@ -1224,7 +1234,6 @@ def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseE
     hints.append("use on_untraceable='leaf' to keep untraceable submodules opaque")
     fix = f"{', '.join(hints[:-1])}, or {hints[-1]}" if len(hints) > 1 else hints[0]
     message = f"cannot trace {where}{at}{code}: {reason}.\nFix: {fix}."
-
     return TraceError(message, module=name, module_type=type(m).__name__, location=location)
 
 
@@ -1270,7 +1279,7 @@ def _changes_plain_state(module: nn.Module, name: str, value: Any, frame) -> boo
     prepared graph keeps what the trace saw."""
     if name in module._parameters or name in module._buffers or name in module._modules:  # noqa: SLF001
         return False
-    if os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+    if _library_code(frame.f_code.co_filename):
         return False
     old = vars(module).get(name, _MISSING)
     if old is value:
@@ -1393,11 +1402,10 @@ def _data_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
         skip = (0,)
     else:
         return node.all_input_nodes
-    metadata_only = {id(node.args[i]) for i in skip if i < len(node.args) and isinstance(node.args[i], torch.fx.Node)}
-    rest = [node.args[i] for i in range(len(node.args)) if i not in skip]
+    rest = [a for i, a in enumerate(node.args) if i not in skip]
     found: list[torch.fx.Node] = []
     map_aggregate((rest, node.kwargs), lambda a: found.append(a) if isinstance(a, torch.fx.Node) else None)
-    return [n for n in found if id(n) not in metadata_only or n in rest]
+    return found
 
 
 def _mutates_first_argument(node: torch.fx.Node) -> bool:
@@ -1500,15 +1508,11 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
             if config.on_untraceable == "leaf" and refused.path:
                 leaves = dataclasses.replace(config, leaf_modules=(*config.leaf_modules, refused.path))
                 return trace(model, leaves, examples, code_on_demand=code_on_demand)
-            kind = type(refused.module).__name__
-            where = f"module '{refused.path}' ({kind})" if refused.path else f"the model's forward ({kind})"
-            fix = f"mark it as a leaf (PrepareConfig(leaf_modules=('{refused.path}',))) or use on_untraceable='leaf'" \
-                if refused.path else "keep the state out of forward, or prepare its submodules"
-            raise TraceError(
-                f"cannot trace {where} at {refused.location}: `{refused.code}`: {refused.describe()}, and the "
-                "next call traces differently: state kept between calls (a call counter, a one-time "
-                f"initialisation), which one graph cannot reproduce.\nFix: {fix}.",
-                module=refused.path, module_type=kind, location=refused.location)
+            raise _trace_error(
+                refused.path, refused.module, refused.location,
+                f"{refused.describe()}, and the next call traces differently: state kept between calls (a call "
+                "counter, a one-time initialisation), which one graph cannot reproduce",
+                StatefulForwardError(), code=refused.code)
     constants_out_of_state(gm)
     protected = _protect_constants(gm)
     if gm.graph.eliminate_dead_code(is_impure_node=_is_impure) or protected:
