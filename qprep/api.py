@@ -213,6 +213,8 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
     meta.set_graph_facts(gm, **{meta.PREPARATION: preparation})
     if captured.guards:
         meta.set_graph_facts(gm, **{meta.GUARDS: captured.guards})
+    if captured.replayed:
+        meta.set_graph_facts(gm, **{meta.REPLAYED: captured.replayed})
     if check and args is not None and not on_meta:
         call = with_concrete(model, args, config.concrete_args)
         result = _verify_trained(model, gm, call, model.training)

@@ -48,6 +48,7 @@ class Capture:
     mode: str | None = None  # "train"/"eval": made for this mode only (a mode-dependent forward's variants)
     members: tuple[tuple[int, ...], ...] = ()  # per variant, the indices of the examples it covers
     mode_reason: str = ""  # why ``mode`` is set, when not for several examples
+    replayed: tuple = ()  # module calls replayed from an identical one's (qprep.capture.blocks.Replay)
 
 
 def capture_all(model: nn.Module, config: PrepareConfig, examples: list[tuple]) -> Capture:
@@ -80,7 +81,7 @@ def capture_all(model: nn.Module, config: PrepareConfig, examples: list[tuple]) 
     notes = _distinct(n for c in captures for n in c.notes)
     trace_notes = _distinct(n for c in captures for n in c.trace_notes)
     return Capture(gm, trace_notes, captures[0].fixed, notes, guards, False, labels, mode,
-                   tuple(tuple(m) for m in members), reason)
+                   tuple(tuple(m) for m in members), reason, _distinct(r for c in captures for r in c.replayed))
 
 
 def _add(captures: list[Capture], members: list[list[int]], current: Capture, indices: list[int]) -> None:
@@ -158,7 +159,7 @@ def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Cap
             reason = f"{other} mode cannot be traced: {str(exc).splitlines()[0]}"
             note = TraceNote("", type(model).__name__, f"prepared for {mode} mode only; {reason}", exc.location or "")
             return Capture(gm, tuple(trace_notes) + (note,), fixed, tuple(notes), guards, False, mode=mode,
-                           mode_reason=reason)
+                           mode_reason=reason, replayed=traced.replayed)
         if same_structure(gm, flipped[0], _scope_mode(model)):
             notes += mark_training_dependence(gm, flipped[0], mode, _scope_mode(model))
         else:  # forward branches on self.training: one graph per mode, over the same modules
@@ -166,7 +167,7 @@ def _capture(model: nn.Module, config: PrepareConfig, args: tuple | None) -> Cap
             gm, dual = union([train_gm, eval_gm]), True
             guards = guards + tuple(g for g in flipped.guards if g not in guards)
             notes.append(branch_note(gm))
-    return Capture(gm, tuple(trace_notes), fixed, tuple(notes), guards, dual)
+    return Capture(gm, tuple(trace_notes), fixed, tuple(notes), guards, dual, replayed=traced.replayed)
 
 
 class _flipped_modes:

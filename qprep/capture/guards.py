@@ -25,7 +25,8 @@ import torch.fx
 from ..core.guards import Guard, check_guard, is_guard
 from ..core.template import tree_any
 
-__all__ = ["GuardRecorder", "insert_guards", "guard_checks", "describe", "reads_metadata_only", "is_metadata_read"]
+__all__ = ["GuardRecorder", "insert_guards", "guard_checks", "describe", "reads_metadata_only", "is_metadata_read",
+           "module_output"]
 
 # Ops that only read metadata: a guard built from them and the inputs can run first.
 _METADATA_METHODS = frozenset({
@@ -122,6 +123,14 @@ def _operand(node: Any, depth: int) -> str:
 def _slice_text(s: slice) -> str:
     parts = ["" if v is None else describe(v, 6) for v in (s.start, s.stop)]
     return ":".join(parts) + (f":{describe(s.step, 6)}" if s.step is not None else "")
+
+
+def module_output(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a module call's output or a part of one (``out[1]`` of an LSTM):
+    its structure is fixed by the module's code, so iterating it needs no guard."""
+    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node.op == "call_module"
 
 
 def is_metadata_read(node: torch.fx.Node) -> bool:

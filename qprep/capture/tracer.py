@@ -62,8 +62,9 @@ from ..core.records import TraceNote
 from ..core.runtime import plain_object, rebuild_object, structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
+from .blocks import Blocks
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
-from .guards import GuardRecorder, describe, insert_guards, is_metadata_read, reads_metadata_only
+from .guards import GuardRecorder, describe, insert_guards, is_metadata_read, module_output, reads_metadata_only
 from .integrations import runtime_classes
 from .proxy import QprepProxy
 from .values import UNKNOWN, Values, value_of
@@ -230,6 +231,8 @@ class QprepTracer(torch.fx.Tracer):
         self._tensor_names: dict[int, str] | None = None
         self._unbound: set[str] = set()  # torch.Tensor methods patched for unbound calls
         self._shadows: tuple | None = None  # the len / isinstance that namespaces get for this trace
+        self.blocks: Blocks | None = None  # repeated blocks replayed (config.dedup), while tracing
+        self.replayed: tuple = ()  # ... and, after the trace, the calls it replayed
 
     # -- who is tracing ----------------------------------------------------------------
     def recording(self) -> bool:
@@ -254,6 +257,8 @@ class QprepTracer(torch.fx.Tracer):
             # fast path is one opaque kernel); verification measures the difference to it.
             self._patcher = patcher
             self.values = Values(root, self.examples, self.passthrough)
+            if self.config.dedup and self.examples is not None and isinstance(root, nn.Module):
+                self.blocks = Blocks(self, root)
             self._install_wrappers(patcher)
             self._shadow_len(getattr(type(root), "forward", None))
             self._shadow_packages(root)
@@ -263,6 +268,8 @@ class QprepTracer(torch.fx.Tracer):
             finally:
                 self._patcher = None
                 self._restore_cached()
+                if self.blocks is not None:  # the recordings hold the graph: not kept past the trace
+                    self.replayed, self.blocks = tuple(self.blocks.replayed), None
 
     @contextlib.contextmanager
     def _runtime_construction(self) -> Iterator[None]:
@@ -841,6 +848,14 @@ class QprepTracer(torch.fx.Tracer):
             self.values.record(node)
         return node
 
+    def replay_node(self, kind, target, args, kwargs, type_expr, node_meta: dict) -> torch.fx.Node:
+        """A node replayed from another call's recording (:mod:`.blocks`), with its meta."""
+        node = torch.fx.Tracer.create_node(self, kind, target, args, kwargs, None, type_expr)
+        node.meta.update(node_meta)
+        if self.values is not None:
+            self.values.record(node)
+        return node
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         if self._parsed:
             self._drop_parsed_guards(args, kwargs)
@@ -990,7 +1005,7 @@ class QprepTracer(torch.fx.Tracer):
         if not isinstance(value, (torch.Tensor, list, tuple)):
             raise ConcreteValueError(f"cannot iterate over `{describe(node)}` ({type(value).__name__}) while tracing")
         count = len(value)
-        if not _module_output(node):  # a module's output structure is fixed by its code
+        if not module_output(node):  # a module's output structure is fixed by its code
             location, code = _here(2)
             self.guards.record(node, "len", count, location, code)
         return iter([proxy[i] for i in range(count)])
@@ -1069,6 +1084,8 @@ class QprepTracer(torch.fx.Tracer):
         stack = dict(self.module_stack)
         if self.config.trace_compound_nn and type(m) in TRACEABLE_FORWARDS:
             forward = functools.partial(TRACEABLE_FORWARDS[type(m)], m)
+        if self.blocks is not None:
+            forward = self.blocks.wrap(m, name, forward, args, kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except TraceError as exc:
@@ -1165,13 +1182,6 @@ def _simple_constant(value: Any) -> bool:
     if type(value) in (tuple, list):
         return all(_simple_constant(item) for item in value)
     return value is None or type(value) in (bool, int, float, complex, str)
-
-
-def _module_output(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is a module call's output or a part of one (``out[1]`` of an LSTM)."""
-    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
-        node = node.args[0]
-    return node.op == "call_module"
 
 
 def _reads(node: torch.fx.Node) -> bool:
@@ -1441,16 +1451,19 @@ def _protect_constants(gm: torch.fx.GraphModule) -> bool:
 
 
 class Traced(tuple):
-    """What :func:`trace` returns: ``(graph_module, notes)``, plus ``.guards`` and
-    ``.failures`` (node name -> why its value could not be computed on meta tensors)."""
+    """What :func:`trace` returns: ``(graph_module, notes)``, plus ``.guards``,
+    ``.failures`` (node name -> why its value could not be computed on meta tensors) and
+    ``.replayed`` (the module calls replayed from an identical one's, :mod:`.blocks`)."""
 
     guards: tuple[Guard, ...]
     failures: dict
+    replayed: tuple  # of qprep.capture.blocks.Replay
 
-    def __new__(cls, gm, notes, guards, failures):
+    def __new__(cls, gm, notes, guards, failures, replayed=()):
         self = super().__new__(cls, (gm, notes))
         self.guards = guards
         self.failures = failures
+        self.replayed = replayed
         return self
 
 
@@ -1522,7 +1535,7 @@ def trace(model: nn.Module, config: PrepareConfig | None = None, examples: dict[
         meta.set_graph_facts(gm, **{meta.MODULE_ALIASES: aliases})
     if guards:
         meta.set_graph_facts(gm, **{meta.GUARDS: guards})
-    return Traced(gm, tracer.notes, guards, dict(tracer.values.failures) if tracer.values else {})
+    return Traced(gm, tracer.notes, guards, dict(tracer.values.failures) if tracer.values else {}, tracer.replayed)
 
 
 def _state_refusal(model: nn.Module, config: PrepareConfig, examples: dict | None, gm: torch.fx.GraphModule,

@@ -39,6 +39,9 @@ class PrepareConfig:
             constants become attributes, as for qprep's own wrappers); any other module class
             is built with no arguments and called with the call's own arguments, tensors and
             constants alike (``self.topk(x, 3, dim=-1)``). Verification checks the result.
+        dedup: trace a repeated block (a transformer layer) once and replay its nodes for
+            each identical module called on identical arguments
+            (:mod:`qprep.capture.blocks`); the graph is the same either way.
     """
 
     leaf_modules: tuple[Any, ...] = ()
@@ -49,6 +52,7 @@ class PrepareConfig:
     expand_attention: bool = True
     trace_compound_nn: bool = True
     op_modules: Mapping[Any, type] = dataclasses.field(default_factory=dict)
+    dedup: bool = True
 
     def __post_init__(self):
         if self.on_untraceable not in _ON_UNTRACEABLE:

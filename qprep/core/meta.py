@@ -16,7 +16,7 @@ import torch.fx
 __all__ = [
     "NAMESPACE", "STACK_TRACE", "MODULE_STACK", "VAL", "TENSOR_META",
     "PASS", "ACTION", "FROM", "VALUE", "FOLLOWS_TRAINING", "MODE_ARG", "MODES",
-    "PREPARATION", "MODULE_ALIASES", "GUARDS",
+    "PREPARATION", "MODULE_ALIASES", "GUARDS", "REPLAYED",
     "facts", "fact", "set_facts", "graph_facts", "graph_fact", "set_graph_facts",
 ]
 
@@ -42,6 +42,7 @@ MODES = "modes"  # ("train",) / ("eval",): the node runs in that mode only (a gr
 PREPARATION = "preparation"  # the qprep.core.records.Preparation of the prepared module
 MODULE_ALIASES = "module_aliases"  # {first name: [other names]} of modules registered twice
 GUARDS = "guards"  # tuple of qprep.core.guards.Guard: what tracing specialised, checked at run time
+REPLAYED = "replayed"  # tuple of qprep.capture.blocks.Replay: module calls replayed from an identical one's
 
 
 def facts(node: torch.fx.Node) -> dict:
