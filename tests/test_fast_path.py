@@ -318,6 +318,123 @@ def test_hooks_on_gates_see_every_step_in_train_mode_too():
     assert counter.calls == T
 
 
+# GRU and RNN stacks call ATen's native kernel (what nn.GRU / nn.RNN call) while every op is as
+# built and unobserved; it must be bitwise the module calls, and give way to them at once.
+NATIVE_CASES = [
+    pytest.param("gru", {}, {}, id="gru"),
+    pytest.param("gru", dict(num_layers=2, bidirectional=True, batch_first=True), {}, id="gru-2-bi-batch_first"),
+    pytest.param("gru", dict(bias=False), dict(hx=True), id="gru-nobias-hx"),
+    pytest.param("rnn", dict(num_layers=2, nonlinearity="relu"), {}, id="rnn-relu-2"),
+    pytest.param("rnn", dict(bidirectional=True), dict(packed=True), id="rnn-bi-packed"),
+    pytest.param("gru", dict(num_layers=2, bidirectional=True), dict(packed=True, hx=True), id="gru-packed-hx"),
+    pytest.param("gru", {}, dict(unbatched=True), id="gru-unbatched"),
+    pytest.param("gru", dict(num_layers=2, dtype=torch.float64), {}, id="gru-float64"),
+]
+
+
+def _native_input(modular, packed=False, hx=False, unbatched=False, dtype=torch.float32):
+    directions = 2 if modular.bidirectional else 1
+    if packed:  # unsorted lengths
+        seqs = [torch.randn(n, I, dtype=dtype) for n in (3, T, 1)]
+        x = nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+        h = torch.randn(modular.num_layers * directions, 3, H, dtype=dtype) if hx else None
+    elif unbatched:
+        x, h = torch.randn(T, I, dtype=dtype), None
+    else:
+        x = torch.randn(B, T, I, dtype=dtype) if modular.batch_first else torch.randn(T, B, I, dtype=dtype)
+        h = torch.randn(modular.num_layers * directions, B, H, dtype=dtype) if hx else None
+    return x, h
+
+
+@pytest.mark.parametrize("kind, options, call", NATIVE_CASES)
+def test_native_kernel_is_bitwise_the_module_calls_forward_and_backward(kind, options, call):
+    _, modular = _stack(kind, **options)
+    x, h = _native_input(modular, dtype=options.get("dtype", torch.float32), **call)
+    tensor = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+    assert modular._native_kernel(tensor) is not None
+    results = []
+    for observed in (False, True):
+        handle = modular.layers[-1].cell.gates_add.register_forward_pre_hook(lambda *a: None) if observed else None
+        assert (modular._native_kernel(tensor) is None) == observed
+        leaf = tensor.clone().requires_grad_()
+        xi = x._replace(data=leaf) if isinstance(x, nn.utils.rnn.PackedSequence) else leaf
+        out, state = modular(xi, h)
+        out = out.data if isinstance(out, nn.utils.rnn.PackedSequence) else out
+        (out.sum() + state.sum()).backward()
+        results.append((out, state, leaf.grad, [p.grad.clone() for p in modular.parameters()]))
+        modular.zero_grad()
+        if handle is not None:
+            handle.remove()
+    (out, state, grad, params), (out2, state2, grad2, params2) = results
+    assert torch.equal(out, out2) and torch.equal(state, state2) and torch.equal(grad, grad2)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+def test_native_kernel_on_a_transposed_batch_first_input_is_the_original(kind):
+    """Sizes where the input projection's GEMM depends on the input's layout (a batch-first
+    input is transposed, not copied, before it): the kernel sees the layers' own input."""
+    torch.manual_seed(0)
+    module = STACKS[kind][0](256, 256, 2, batch_first=True).eval()
+    modular = STACKS[kind][1].from_float(copy.deepcopy(module)).eval()
+    x = torch.randn(8, 32, 256)
+    with torch.no_grad():
+        assert modular._native_kernel(x.transpose(0, 1)) is not None
+        fast = modular(x)
+        with modular.layers[0].cell.gates_add.register_forward_pre_hook(lambda *a: None):
+            slow = modular(x)
+        assert _equal(fast, slow) and _equal(fast, module(x))
+
+
+def test_native_kernel_gives_way_to_anything_that_could_tell():
+    _, modular = _stack("gru", num_layers=2, dropout=0.5)
+    x = torch.randn(T, B, I)
+    cell = modular.layers[1].cell
+    assert modular.eval()._native_kernel(x) is not None
+    assert modular.train()._native_kernel(x) is None  # dropout between layers: drawn by the module
+    modular.eval()
+    handle = torch_module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert modular._native_kernel(x) is None  # a global hook sees every op
+    finally:
+        handle.remove()
+    for change in (
+        lambda: setattr(cell, "reset_gate", nn.Hardsigmoid()),  # a replaced gate op
+        lambda: setattr(cell, "candidate", type("MyTanh", (nn.Tanh,), {})()),  # a subclass of it
+        lambda: setattr(cell.candidate, "forward", torch.tanh),  # a patched forward
+        lambda: setattr(cell, "step", cell.step),  # a patched step
+        lambda: setattr(cell.gates_add, "call", operator.sub),  # a wrapper given another op
+        lambda: setattr(modular, "layer_dropout", nn.Identity()),
+        lambda: modular.layers[0].register_forward_hook(lambda *a: None),
+        lambda: nn.utils.parametrize.register_parametrization(cell.hidden_linear, "weight", nn.Identity()),
+    ):
+        fresh = copy.deepcopy(modular)
+        cell_before = cell
+        change()
+        assert modular._native_kernel(x) is None
+        modular, cell = fresh, fresh.layers[1].cell
+        del cell_before
+    assert modular._native_kernel(x.double()) is None  # the weights are float32: the modules say so
+    assert modular._native_kernel(torch.randn(T, B, I).to(torch.bfloat16)) is None
+    counter = Counter()
+    modular.layers[0].cell.update_gate.register_forward_hook(counter)
+    modular(x)
+    assert counter.calls == T  # observed: the modules run, step by step
+
+
+def test_native_kernel_uses_the_weights_the_modules_hold():
+    _, modular = _stack("gru")
+    x = torch.randn(T, B, I)
+    plain = modular(x)
+    cell = modular.layers[0].cell
+    cell.hidden_linear.weight = nn.Parameter(cell.hidden_linear.weight * 2)  # not the stack's weight_hh_l0 any more
+    doubled = modular(x)
+    assert not _equal(doubled, plain)
+    handle = cell.reset_gate.register_forward_pre_hook(lambda *a: None)
+    assert _equal(modular(x), doubled)
+    handle.remove()
+
+
 # ----------------------------------------------------------------------------- prepared GraphModule
 class Blocks(nn.Module):
     def __init__(self, depth=2):

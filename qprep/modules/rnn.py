@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from ..core._compat import has_call_hooks, plain_calls_allowed
+from ..core._compat import NATIVE_RNN, has_call_hooks, plain_calls_allowed
 from ..core.aliases import hide_aliases
 from .base import TensorOp
 from .rnn_cells import ModularGRUCell, ModularLSTMCell, ModularRNNCell, _check_not_parametrized, _describe, _ModularCell
@@ -124,6 +124,41 @@ def _direct_calls(cell: nn.Module):
     if not all(_unobserved(m) for m in children.values()):
         return cell
     return SimpleNamespace(**{name: _plain_forward(m) for name, m in children.items()})
+
+
+_REFERENCE_OPS: dict[tuple, dict[str, nn.Module]] = {}
+#: what a gate op's configuration is (TensorOp wrappers; nn.ReLU's ``inplace``)
+_OP_STATE = ("call", "args", "kwargs", "inplace")
+
+
+def _reference_ops(cell: _ModularCell) -> dict[str, nn.Module]:
+    """The gate ops a new cell of ``cell``'s class and configuration has."""
+    key = (type(cell), cell.bias, getattr(cell, "nonlinearity", None))
+    if key not in _REFERENCE_OPS:
+        config = {"nonlinearity": cell.nonlinearity} if hasattr(cell, "nonlinearity") else {}
+        fresh = type(cell)(1, 1, cell.bias, device="meta", **config)
+        _REFERENCE_OPS[key] = dict(fresh._modules)
+    return _REFERENCE_OPS[key]
+
+
+def _as_built(cell: _ModularCell) -> bool:
+    """Whether ``cell`` computes exactly what ATen's cell does: every op is the module it was
+    built with (same class and configuration, no patched ``forward``), unobserved, and its
+    ``step`` is its class's."""
+    if "step" in cell.__dict__ or "forward" in cell.__dict__:
+        return False
+    reference = _reference_ops(cell)
+    if cell._modules.keys() != reference.keys():  # noqa: SLF001
+        return False
+    for name, op in cell._modules.items():  # noqa: SLF001
+        like = reference[name]
+        if type(op) is not type(like) or not _unobserved(op) or "forward" in op.__dict__:
+            return False
+        if any(getattr(op, attr, None) != getattr(like, attr, None) for attr in _OP_STATE):
+            return False
+        if isinstance(like, nn.Linear) and (op.bias is None) != (like.bias is None):
+            return False
+    return True
 
 
 class ModularRecurrentLayer(nn.Module):
@@ -313,6 +348,9 @@ class _ModularStack(nn.Module):
 
     def _run(self, input: Tensor, state: tuple, batch_sizes: list[int] | None):
         """ATen's ``apply_layer_stack``: layers in order, directions concatenated, dropout between."""
+        kernel = self._native_kernel(input)
+        if kernel is not None:
+            return self._run_native(kernel, input, state, batch_sizes)
         states = list(zip(*(s.unbind(0) for s in state)))
         directions, finals = 2 if self.bidirectional else 1, []
         for layer in range(self.num_layers):
@@ -325,6 +363,56 @@ class _ModularStack(nn.Module):
             if layer < self.num_layers - 1:
                 input = self.layer_dropout(input)
         return input, tuple(torch.stack(parts, 0) for parts in zip(*finals))
+
+    # -- ATen's own kernel, where nothing could tell ------------------------------------
+    def _native(self):
+        """ATen's native kernel for this stack (never oneDNN's), where it is bitwise what the
+        modules compute; ``None`` where it is not (an LSTM: ``nn.LSTM`` calls oneDNN's)."""
+        return None
+
+    def _native_kernel(self, input: Tensor):
+        """The native kernel, where calling it is indistinguishable from calling the modules:
+        every layer, cell and gate op as built and unobserved (no hook of any kind, none
+        replaced, no patched ``forward``, no global hook, no tracing or compiling), on the CPU,
+        float32 or float64, and no dropout to draw between layers. Anything else, and the
+        modules are called, so a quantizer's observers see every op."""
+        kernel = self._native()
+        if kernel is None or input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64) \
+                or not plain_calls_allowed():
+            return None
+        dropout = self.layer_dropout
+        if type(dropout) is not nn.Dropout or not _unobserved(dropout) or "forward" in dropout.__dict__ \
+                or (dropout.training and dropout.p > 0 and self.num_layers > 1):
+            return None
+        directions = 2 if self.bidirectional else 1
+        if len(self.layers) != self.num_layers * directions:
+            return None
+        for index, layer in enumerate(self.layers):
+            if type(layer) is not ModularRecurrentLayer or not _unobserved(layer) or "forward" in layer.__dict__ \
+                    or layer.reverse != (index % directions == 1) or type(layer.cell) is not self._cell_cls \
+                    or not _as_built(layer.cell):
+                return None
+            weights = (layer.cell.input_linear.weight, layer.cell.hidden_linear.weight)
+            if any(w.dtype != input.dtype or w.device != input.device for w in weights):
+                return None  # the modules' own error, not the kernel's
+        return kernel
+
+    def _run_native(self, kernel, input: Tensor, state: tuple, batch_sizes: list[int] | None):
+        """:meth:`_run` by ``kernel``, on the same (possibly transposed) input the layers take."""
+        weights = []
+        for layer in self.layers:
+            cell = layer.cell
+            weights += [cell.input_linear.weight, cell.hidden_linear.weight]
+            if self.bias:
+                weights += [cell.input_linear.bias, cell.hidden_linear.bias]
+        hx = state[0] if len(state) == 1 else list(state)
+        dropout = (self.layer_dropout.p, self.layer_dropout.training)
+        if batch_sizes is None:  # time-major, as the layers see it
+            output, *final = kernel(input, hx, weights, self.bias, self.num_layers, *dropout, self.bidirectional, False)
+        else:
+            output, *final = kernel(input, torch.tensor(batch_sizes, dtype=torch.long), hx, weights, self.bias,
+                                    self.num_layers, *dropout, self.bidirectional)
+        return output, tuple(final)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -369,6 +457,9 @@ class ModularGRU(_ModularStack):
     _float_cls = nn.GRU
     _cell_cls = ModularGRUCell
 
+    def _native(self):
+        return NATIVE_RNN["gru"]  # what nn.GRU calls (ATen has no oneDNN GRU on the CPU)
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
         super().__init__(nn.GRU(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, device=device, dtype=dtype))
@@ -388,6 +479,9 @@ class ModularRNN(_ModularStack):
 
     def _cell_config(self) -> dict:
         return {"nonlinearity": self.nonlinearity}
+
+    def _native(self):
+        return NATIVE_RNN[f"rnn_{self.nonlinearity}"]  # what nn.RNN calls
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
