@@ -47,7 +47,7 @@ import torch.nn as nn
 from torch.fx.node import map_aggregate, map_arg
 
 from ..core import meta
-from ..core._compat import last_node
+from ..core._compat import any_autocast_enabled, last_node
 from ..core.guards import Guard
 from .guards import module_output
 from .values import UNKNOWN, value_of
@@ -71,6 +71,7 @@ _INTERNAL = frozenset({
     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", *_HOOKS,
 })
 _DEPTH = 4  # containers nested deeper are compared by identity
+_SMALL = 8  # a call that made fewer nodes costs more to match than to trace again
 
 
 class _Differs(Exception):
@@ -174,7 +175,7 @@ class Blocks:
     def _call_key(self, m: nn.Module, args: tuple, kwargs: dict) -> tuple:
         """The module's class, the arguments and the context; the module itself is compared
         (:meth:`_signature`) only where an earlier call had the same key."""
-        if torch._C._is_any_autocast_enabled():  # noqa: SLF001
+        if any_autocast_enabled():
             raise _Differs
         inputs: dict[torch.fx.Node, int] = {}
         arguments = self._argument((args, kwargs), inputs, 0)
@@ -273,9 +274,10 @@ class Blocks:
         first, guards, tracked = last_node(tracer.graph), tracer.guards.mark(), self._tracked()
         depth = len(tracer.module_stack)
         output = forward(*args, **kwargs)  # a failure here is the trace's own, raised as it is
-        usable = self._tracked() == tracked and not tracer._parsed  # noqa: SLF001
-        earlier.append((m, tracked, _Recording(path, depth, inputs, first, last_node(tracer.graph),
-                                               tracer.guards.guards[guards:], output) if usable else None))
+        last = last_node(tracer.graph)
+        usable = self._tracked() == tracked and not tracer._parsed and _at_least(first, last, _SMALL)  # noqa: SLF001
+        earlier.append((m, tracked, _Recording(path, depth, inputs, first, last, tracer.guards.guards[guards:], output)
+                        if usable else None))
         return output
 
     def _tracked(self) -> tuple:
@@ -353,6 +355,16 @@ class Blocks:
                 moved[_moved(key, template.path, path)] = (_moved(name, template.path, path), kind)
             copied[meta.MODULE_STACK] = moved
         return copied
+
+
+def _at_least(first: torch.fx.Node, last: torch.fx.Node, count: int) -> bool:
+    """Whether ``count`` nodes or more follow ``first``, up to ``last``."""
+    node = first
+    for _ in range(count):
+        if node is last:
+            return False
+        node = node.next
+    return True
 
 
 def _relative(name: str, path: str) -> str:

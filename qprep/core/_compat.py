@@ -22,13 +22,16 @@ __all__ = [
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "patch_class_attribute",
     "wrapped_function_registry",
     "autowrap_search", "set_grad_enabled", "switch_grad_mode", "apply_autograd_function", "enter_autocast", "exit_autocast",
-    "has_forward_pre_hooks", "graph_module", "NATIVE_RNN",
+    "has_forward_pre_hooks", "graph_module", "NATIVE_RNN", "any_autocast_enabled",
 ]
 
 #: ATen's native recurrent kernels, as ``nn.GRU``/``nn.RNN`` call them: ``kernel(input, hx, flat_weights,
 #: has_biases, num_layers, dropout, train, bidirectional, batch_first)``, or for a PackedSequence
 #: ``kernel(data, batch_sizes, hx, flat_weights, has_biases, num_layers, dropout, train, bidirectional)``.
 NATIVE_RNN = {"gru": torch._VF.gru, "rnn_tanh": torch._VF.rnn_tanh, "rnn_relu": torch._VF.rnn_relu}  # noqa: SLF001
+
+#: Whether autocast is on for any device type.
+any_autocast_enabled = torch._C._is_any_autocast_enabled  # noqa: SLF001
 
 #: What ``torch.no_grad()``/``enable_grad()``/``set_grad_enabled()`` call to switch grad mode.
 set_grad_enabled = torch._C._set_grad_enabled  # noqa: SLF001

@@ -139,7 +139,8 @@ class Counting(nn.Module):
 
     def forward(self, x):
         self.calls.add_(1)
-        return self.fc(x) * self.calls
+        y = torch.relu(self.fc(x) * self.calls + 1)  # enough nodes to be worth replaying
+        return (y - x).tanh() * 2 + x.sigmoid()
 
 
 def test_buffers_updated_in_place_are_the_replayed_blocks_own():
@@ -256,9 +257,10 @@ def test_hugging_face_blocks(name, attn):
     else:
         model = hf_models.build(name, attn)
     gm, replayed = both(model, hf_models.example(name))
-    assert replayed
-    if name == "llama":  # each layer's attention reads its layer_idx: traced; its MLP and norms are replayed
-        assert "model.layers.1.mlp" in replayed and "model.layers.1.self_attn" not in replayed
+    # BERT's layers differ in layer_idx, and what is the same in them is too small to replay
+    assert bool(replayed) == (name != "bert")
+    if name == "llama":  # each layer's attention reads its layer_idx: traced; its norms are replayed
+        assert "model.layers.1.input_layernorm" in replayed and "model.layers.1.self_attn" not in replayed
     other = hf_models.example(name, batch=3, seq=11, pad=True, seed=1)
     result = qprep.verify(model, gm, other)
     assert result.equal, result.table()
