@@ -32,6 +32,7 @@ from qprep.modules import (
     Add, Cat, Eq, Input, MaskedFill, ModularGRU, ModularLSTM, ModularRNN, Mul, Sub, Sum, TensorOp,
 )
 from qprep.modules.rnn import _direct_calls
+from qprep.modules.rnn import _stepper as rnn_stepper
 from tests.models import AttentionBlock
 
 pytestmark = [
@@ -384,6 +385,33 @@ def test_native_kernel_on_a_transposed_batch_first_input_is_the_original(kind):
         with modular.layers[0].cell.gates_add.register_forward_pre_hook(lambda *a: None):
             slow = modular(x)
         assert _equal(fast, slow) and _equal(fast, module(x))
+
+
+@pytest.mark.parametrize("options, call", [
+    pytest.param(dict(num_layers=2, bidirectional=True), {}, id="2-bi"),
+    pytest.param(dict(bias=False, batch_first=True), dict(hx=True), id="nobias-batch_first-hx"),
+    pytest.param(dict(bidirectional=True), dict(packed=True, hx=True), id="bi-packed"),
+    pytest.param(dict(num_layers=2, dtype=torch.float64), {}, id="float64"),
+])
+def test_lstm_native_step_is_bitwise_the_module_calls(options, call):
+    """Without gradients, an unobserved LSTM layer runs ATen's own step (in place, where the
+    modules are out of place): the same bits as the module calls and as ATen's native kernel."""
+    module, modular = _stack("lstm", **options)
+    x, h = _native_input(modular, dtype=options.get("dtype", torch.float32), **call)
+    hx = None if h is None else (h, torch.randn_like(h))
+    layer = modular.layers[0]
+    with torch.no_grad():
+        gates = layer.cell.input_linear(torch.randn(T, B, I, dtype=options.get("dtype", torch.float32)))
+        state = (torch.zeros(B, H, dtype=gates.dtype), torch.zeros(B, H, dtype=gates.dtype))
+        assert rnn_stepper(layer.cell, gates, state)[1] is None  # the fused step
+        fast = modular(x, hx)
+        with layer.cell.cell_tanh.register_forward_hook(lambda *a: None):
+            assert rnn_stepper(layer.cell, gates, state)[1] is layer.cell  # observed: the modules
+            slow = modular(x, hx)
+        with native():
+            reference = module(x, hx)
+    assert _equal(fast, slow) and _equal(fast, reference)
+    assert rnn_stepper(layer.cell, gates.requires_grad_(), state)[1] is not None  # gradients: the modules' ops
 
 
 def test_native_kernel_gives_way_to_anything_that_could_tell():
