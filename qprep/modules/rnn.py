@@ -38,9 +38,12 @@ hook, trace or compiler could tell, call the op each gate module makes (``torch.
 ``operator.mul``, ``F.linear`` with the module's weight) instead of the module, skipping
 ``nn.Module.__call__`` (see :func:`_direct_calls`). With a hook on any gate op, a global
 hook, fx/jit tracing, dynamo or export, every call goes through ``__call__``; a gate op
-replaced by another module, or a patched ``forward``, is called as such. The remaining cost
-over ATen's native kernel is that of calling ~12 small out-of-place ops per step from
-Python (``benchmarks/bench_rnn.py``).
+replaced by another module, or a patched ``forward``, is called as such. Where, besides, every
+gate op is the module it was built with (:func:`_as_built`) and no gradient is recorded, an
+LSTM step is ATen's own (:func:`_lstm_step`, in place where ATen is), and a GRU or RNN stack
+calls ATen's native kernel itself (:meth:`_ModularStack._native_kernel`); both are the same bits.
+The remaining cost of an LSTM over ATen's native kernel is that of calling its small ops per
+step from Python (``benchmarks/bench_rnn.py``).
 """
 
 from __future__ import annotations
