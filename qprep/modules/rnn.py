@@ -180,9 +180,11 @@ def _lstm_step(weight: Tensor, bias: Tensor | None, input_gates: Tensor, state: 
 def _stepper(cell: _ModularCell, input_gates: Tensor, state: tuple) -> tuple:
     """``(step, ops)`` for one sequence: the cell's ``step`` and its ops (:func:`_direct_calls`);
     for an LSTM cell whose ops are all as built and unobserved (:func:`_as_built`), without
-    projection, where no gradient is recorded, ATen's own step (:func:`_lstm_step`): the same
-    bits with half the Python calls."""
-    if type(cell) is ModularLSTMCell and cell.proj_size == 0 and plain_calls_allowed() and _as_built(cell):
+    projection, where no gradient is recorded, on float32 or float64 CPU tensors (where the
+    modules' out-of-place ops are proven ATen's bits), ATen's own step (:func:`_lstm_step`):
+    the same bits with half the Python calls."""
+    if type(cell) is ModularLSTMCell and cell.proj_size == 0 and input_gates.device.type == "cpu" \
+            and input_gates.dtype in (torch.float32, torch.float64) and plain_calls_allowed() and _as_built(cell):
         linear = cell.hidden_linear
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input_gates, *state, linear.weight, linear.bias))
