@@ -24,9 +24,10 @@ nothing of the graph but its arguments and its own module's submodules and tenso
 constant the trace stored on the model, no other module's tensor), hold no constant but plain
 values (numbers, strings, dtypes, functions), and the call changed nothing else the trace
 tracks (attribute writes, caches, modules kept opaque). Its return value is traced values and
-constants in tuples, lists and dicts. Anything else is traced as usual. Hugging Face decoder
-layers differ in ``layer_idx``, which reaches the graph as the KV cache's index, so each layer's
-attention is traced; its MLP and norms are replayed.
+constants in tuples, lists and dicts; and made at least 8 nodes (a smaller call costs more to
+match than to trace again). Anything else is traced as usual. Hugging Face decoder layers
+differ in ``layer_idx``, which reaches the graph as the KV cache's index, so each layer's
+attention is traced; its norms are replayed.
 
 A module that appears once in the model is recorded at its second call (ALBERT's shared layer)
 and replayed from its third.
