@@ -48,7 +48,7 @@ import torch.nn as nn
 from torch.fx.node import map_aggregate, map_arg
 
 from ..core import meta
-from ..core._compat import any_autocast_enabled, last_node
+from ..core._compat import any_autocast_enabled, global_hook_dicts, has_call_hooks, last_node
 from ..core.guards import Guard
 from .guards import module_output
 from .values import UNKNOWN, value_of
@@ -63,13 +63,13 @@ _ATOMS = frozenset({
     torch.memory_format,
 })
 _SEQUENCES = (tuple, list, torch.Size)
-#: The hook dicts of an ``nn.Module``: a module with any hook is traced, not replayed.
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-#: ``nn.Module`` bookkeeping that ``forward`` does not read (compared apart, or not at all).
+#: ``nn.Module`` bookkeeping that ``forward`` does not read (compared apart: a module with a
+#: call hook, :func:`has_call_hooks`, is traced, not replayed; or not at all).
 _INTERNAL = frozenset({
     "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
     "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_is_full_backward_hook",
-    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", *_HOOKS,
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
 })
 _DEPTH = 4  # containers nested deeper are compared by identity
 _SMALL = 8  # a call that made fewer nodes costs more to match than to trace again
@@ -123,14 +123,10 @@ class Blocks:
         self._recordings: dict[Any, list[tuple[nn.Module, tuple, _Recording | _Template | None]]] = {}
         self._kinds = collections.Counter(type(m) for m in root.modules())
         self._seen: set[int] = set()  # modules of a class that appears once, called before
-        self._tensor_names: dict[int, str] | None = None
         self._signatures: dict[int, int | None] = {}  # id(module) -> its signature's number
         self._numbers: dict[tuple, int] = {}  # signature -> number (a nested key hashes once)
         self._version: tuple = ()
-        hooks = torch.nn.modules.module
-        self._enabled = not any(getattr(hooks, name, None) for name in (
-            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-            "_global_backward_pre_hooks"))
+        self._enabled = not any(global_hook_dicts())
 
     def wrap(self, m: nn.Module, path: str, forward: Callable, args: tuple, kwargs: dict) -> Callable:
         """``forward``, or a function that replays or records the call fx is about to trace."""
@@ -216,17 +212,12 @@ class Blocks:
                 self.tracer.is_leaf_module(m, path), tuple(children))
 
     def _tensors(self, tensors: dict, path: str) -> tuple:
-        if self._tensor_names is None:
-            self._tensor_names = {}
-            root = self.tracer.root
-            for name, t in (*root.named_buffers(), *root.named_parameters()):
-                self._tensor_names[id(t)] = name  # the tracer's rule: a parameter's own name wins
         found = []
         for name, t in tensors.items():
             if t is None:
                 found.append((name, None))
             elif type(t) not in (torch.Tensor, nn.Parameter) or t.__dict__ \
-                    or self._tensor_names.get(id(t)) != f"{path}.{name}":
+                    or self.tracer.tensor_name(t) != f"{path}.{name}":
                 raise _Differs  # a subclass, attributes hasattr may read, or shared with another module
             else:
                 found.append((name, _tensor_key(t, t.device)))
@@ -383,10 +374,9 @@ def _tensor_key(t: torch.Tensor, device: torch.device) -> tuple:
 
 
 def _attributes(m: nn.Module) -> tuple:
-    state = m.__dict__
-    if any(state.get(name) for name in _HOOKS):
+    if has_call_hooks(m):
         raise _Differs
-    return tuple((k, _fingerprint(v, 0)) for k, v in state.items() if k not in _INTERNAL)
+    return tuple((k, _fingerprint(v, 0)) for k, v in m.__dict__.items() if k not in _INTERNAL)
 
 
 def _fingerprint(value: Any, depth: int) -> Any:

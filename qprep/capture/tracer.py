@@ -931,16 +931,21 @@ class QprepTracer(torch.fx.Tracer):
             return isinstance(real, torch.Tensor) and not hasattr(real, name)
         return node.op in ("call_function", "call_method", "call_module")
 
+    def tensor_name(self, t: torch.Tensor) -> str | None:
+        """``t``'s name in the traced model, if it is one of its parameters or buffers (a
+        parameter's own name wins over a buffer alias), from a table made once per trace."""
+        if self._tensor_names is None:
+            self._tensor_names = {}
+            for name, tensor in (*self.root.named_buffers(), *self.root.named_parameters()):
+                self._tensor_names[id(tensor)] = name
+        return self._tensor_names.get(id(t))
+
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """A parameter or buffer read in a traced ``forward`` is a ``get_attr`` node (one per
         tensor); names are looked up in a table made once (fx scans every parameter per read)."""
         if not self.recording() or not isinstance(attr_val, torch.Tensor):
             return attr_val
-        if self._tensor_names is None:
-            self._tensor_names = {}
-            for name, t in (*self.root.named_buffers(), *self.root.named_parameters()):
-                self._tensor_names[id(t)] = name  # a parameter's own name wins over a buffer alias
-        name = self._tensor_names.get(id(attr_val))
+        name = self.tensor_name(attr_val)
         if name is None:
             return attr_val
         if name not in parameter_proxy_cache:
