@@ -82,6 +82,16 @@ def _unobserved(module: nn.Module) -> bool:
 
 
 _PLAIN_CALLS = (nn.Module.__call__, TensorOp.__call__)
+
+
+def _as_is(module: nn.Module, cls: type) -> bool:
+    """Whether ``module`` is a plain ``cls`` (not a subclass), unobserved, its ``forward`` its class's."""
+    return type(module) is cls and _unobserved(module) and "forward" not in module.__dict__
+
+
+def _aten_exact(t: Tensor) -> bool:
+    """Whether ``t`` is a float32 or float64 CPU tensor: where the modules' ops are proven ATen's bits."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 #: module types whose ``forward`` is exactly ``fn(input)``.
 _UNARY_FORWARD = {nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh}
 
@@ -156,10 +166,10 @@ def _as_built(cell: _ModularCell) -> bool:
         return False
     for name, op in cell._modules.items():  # noqa: SLF001
         like = reference[name]
-        if type(op) is not type(like) or not _unobserved(op):
+        if not _as_is(op, type(like)):
             return False
         state, built = op.__dict__, like.__dict__
-        if "forward" in state or any(state.get(attr) != built.get(attr) for attr in _OP_STATE):
+        if any(state.get(attr) != built.get(attr) for attr in _OP_STATE):
             return False
         if isinstance(like, nn.Linear) and (op.bias is None) != (like.bias is None):
             return False
@@ -183,8 +193,8 @@ def _stepper(cell: _ModularCell, input_gates: Tensor, state: tuple) -> tuple:
     projection, where no gradient is recorded, on float32 or float64 CPU tensors (where the
     modules' out-of-place ops are proven ATen's bits), ATen's own step (:func:`_lstm_step`):
     the same bits with half the Python calls."""
-    if type(cell) is ModularLSTMCell and cell.proj_size == 0 and input_gates.device.type == "cpu" \
-            and input_gates.dtype in (torch.float32, torch.float64) and plain_calls_allowed() and _as_built(cell):
+    if type(cell) is ModularLSTMCell and cell.proj_size == 0 and _aten_exact(input_gates) and plain_calls_allowed() \
+            and _as_built(cell):
         linear = cell.hidden_linear
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input_gates, *state, linear.weight, linear.bias))
@@ -410,20 +420,17 @@ class _ModularStack(nn.Module):
         float32 or float64, and no dropout to draw between layers. Anything else, and the
         modules are called, so a quantizer's observers see every op."""
         kernel = self._native()
-        if kernel is None or input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64) \
-                or not plain_calls_allowed():
+        if kernel is None or not _aten_exact(input) or not plain_calls_allowed():
             return None
         dropout = self.layer_dropout
-        if type(dropout) is not nn.Dropout or not _unobserved(dropout) or "forward" in dropout.__dict__ \
-                or (dropout.training and dropout.p > 0 and self.num_layers > 1):
+        if not _as_is(dropout, nn.Dropout) or (dropout.training and dropout.p > 0 and self.num_layers > 1):
             return None
         directions = 2 if self.bidirectional else 1
         if len(self.layers) != self.num_layers * directions:
             return None
         for index, layer in enumerate(self.layers):
-            if type(layer) is not ModularRecurrentLayer or not _unobserved(layer) or "forward" in layer.__dict__ \
-                    or layer.reverse != (index % directions == 1) or type(layer.cell) is not self._cell_cls \
-                    or not _as_built(layer.cell):
+            if not _as_is(layer, ModularRecurrentLayer) or layer.reverse != (index % directions == 1) \
+                    or type(layer.cell) is not self._cell_cls or not _as_built(layer.cell):
                 return None
             weights = (layer.cell.input_linear.weight, layer.cell.hidden_linear.weight)
             if any(w.dtype != input.dtype or w.device != input.device for w in weights):
