@@ -17,7 +17,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .capture import capture, capture_all, guard_checks, share_call_sites, split
+from .capture import Capture, capture_all, guard_checks, share_call_sites, split
 from .core.dual import DualGraphModule
 from .core.variants import VariantGraphModule, signature_reader
 from .modules.fast_forward import install_fast_forward
@@ -189,24 +189,9 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
         if config.on_untraceable != "leaf" or exc.module or args is None or more:
             raise
         return _prepare_inside(model, work, config, args, exc, check=check, report=report)
-    gm = captured.graph_module
-    before = snapshot(gm)
-    results = run_pipeline(gm, config, recompile=not (captured.dual or captured.variants))
-    if captured.dual:  # one graph per mode, sharing every module the passes made
-        gm.training = model.training
-        gm = DualGraphModule(gm, split(gm, "train"), split(gm, "eval"), gm._get_name())
-        gm.after_recompile = install_fast_forward
-    elif captured.variants or captured.mode:  # one graph per path, sharing every module the passes made
-        labels = captured.variants
-        if labels:
-            share_call_sites(gm, labels)
-        graphs = [split(gm, label, labels) for label in labels] if labels else [gm.graph]
-        examples = [args, *more]
-        read = signature_reader(graphs[0])
-        signatures = [[_call_signature(read, model, gm, with_concrete(model, examples[i], config.concrete_args))
-                       for i in indices] for indices in captured.members]
-        gm = VariantGraphModule(gm, graphs, [guard_checks(g) for g in graphs], list(labels or ("example 1",)),
-                                gm._get_name(), captured.mode, signatures, captured.mode_reason)
+    before = snapshot(captured.graph_module)
+    results = run_pipeline(captured.graph_module, config, recompile=not (captured.dual or captured.variants))
+    gm = _assemble(model, captured, config, [args, *more])
     restore_missing_state(work, gm)
     match_order(work, gm)
     match_persistence(work, gm)
@@ -252,6 +237,29 @@ def _prepare_work(model: nn.Module, work: nn.Module, config: PrepareConfig, args
             )
     if report:
         Report.of(gm, type(model).__name__).write(report)
+    return gm
+
+
+def _assemble(model: nn.Module, captured: Capture, config: PrepareConfig, examples: list) -> nn.Module:
+    """The runnable module of a capture whose graph went through the passes: the graph
+    module itself, or, for a graph of several paths, one graph per training mode
+    (:class:`DualGraphModule`) or per guarded path (:class:`VariantGraphModule`), sharing
+    every module the passes made."""
+    gm = captured.graph_module
+    if captured.dual:
+        gm.training = model.training
+        gm = DualGraphModule(gm, split(gm, "train"), split(gm, "eval"), gm._get_name())
+        gm.after_recompile = install_fast_forward
+    elif captured.variants or captured.mode:
+        labels = captured.variants
+        if labels:
+            share_call_sites(gm, labels)
+        graphs = [split(gm, label, labels) for label in labels] if labels else [gm.graph]
+        read = signature_reader(graphs[0])
+        signatures = [[_call_signature(read, model, gm, with_concrete(model, examples[i], config.concrete_args))
+                       for i in indices] for indices in captured.members]
+        gm = VariantGraphModule(gm, graphs, [guard_checks(g) for g in graphs], list(labels or ("example 1",)),
+                                gm._get_name(), captured.mode, signatures, captured.mode_reason)
     return gm
 
 
@@ -470,15 +478,19 @@ def replay_passes(original: nn.Module, config: PrepareConfig, args: tuple, seed:
     """Re-prepare a copy of ``original`` pass by pass; name the first step after which it
     is no longer bitwise equal to ``original`` on ``args`` (``"trace"`` for the tracer)."""
     work = copy.deepcopy(original)
-    gm = capture(work, config, args).graph_module
+    captured = capture_all(work, config, [args])
     broken: list[str] = []
 
     def check(step: str, current: torch.fx.GraphModule) -> None:
-        if not broken and not verify_outputs(original, current, args, seed=seed).equal:
+        if broken:
+            return
+        # a graph of both training modes (or of guarded paths) runs as the module prepare makes of it
+        runnable = _assemble(original, dataclasses.replace(captured, graph_module=current), config, [args])
+        if not verify_outputs(original, runnable, args, seed=seed).equal:
             broken.append(step)
 
-    check("trace", gm)
-    run_pipeline(gm, config, after_each=check)
+    check("trace", captured.graph_module)
+    run_pipeline(captured.graph_module, config, after_each=check)
     return broken[0] if broken else None
 
 

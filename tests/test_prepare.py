@@ -255,6 +255,28 @@ def test_first_bad_pass_is_named(monkeypatch):
     assert "wrap_tensor_ops" in str(info.value)
 
 
+def test_first_bad_pass_is_named_for_a_model_with_a_training_branch(monkeypatch):
+    """A forward that reads ``self.training`` has one graph per mode: the pass replay runs
+    that graph as the prepared model does (one mode's path), not the graph of both."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            if self.training:
+                y = y * 2
+            return y + x
+
+    monkeypatch.setattr(qm.Add, "forward", lambda self, x, y: x - y)
+    for train in (True, False):
+        with pytest.raises(qprep.NotEquivalentError) as info:
+            qprep.prepare(Branchy().train(train), (torch.randn(3, 4),))
+        assert info.value.result.first_bad_pass == "wrap_tensor_ops"
+
+
 def test_forward_branching_on_training_is_reported():
     class Noisy(nn.Module):
         def __init__(self):
