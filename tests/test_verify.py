@@ -98,3 +98,43 @@ def test_a_namedtuple_class_made_in_forward_is_one_type_to_verify():
     other = collections.namedtuple("output", ["ab", "cd"])  # same name, other fields: still a difference
     checks = compare(model({"a": torch.ones(1), "b": torch.ones(1)}), other(torch.ones(1), 2 * torch.ones(1)))
     assert not all(c.equal for c in checks)
+
+
+class FusedDropoutOfItsOwn(torch.overrides.TorchFunctionMode):
+    """What SDPA's flash and memory-efficient kernels do on CUDA, on the CPU: with dropout,
+    the default (fused) kernel draws its mask another way than the math kernel (here: it
+    draws one number first), so the two differ by a mask, not by rounding."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and kwargs.get("dropout_p") \
+                and torch.backends.cuda.flash_sdp_enabled():
+            torch.rand(1)
+        return func(*args, **kwargs)
+
+
+def test_train_mode_fused_attention_with_its_own_dropout_masks_is_compared_with_dropout_off():
+    """The prepared attention is the math kernel, masks included (bitwise on the unfused
+    kernels); the fused kernel's own masks cannot be bounded, its rounding can: each call is
+    re-run with its dropout off."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            p = 0.3 if self.training else 0.0
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+    torch.manual_seed(0)
+    model = Attention().train()
+    x = torch.randn(2, 5, 16)
+    gm = qprep.prepare(model, (x,))
+    with FusedDropoutOfItsOwn():
+        result = qprep.verify(model, gm, (x,))
+        assert result.equal and result.kernel_diff > 0.1, result.table()  # another mask, not rounding
+        assert "draw dropout masks of their own" in result.kernel_local
+    r = qprep.verify(model, gm, (x,), train=False)  # the eval graph: no dropout
+    assert r.equal, r.table()

@@ -48,6 +48,7 @@ _ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerD
 # the original has no module to find): scaled_dot_product_attention becomes the latter.
 _MODULAR_RECURRENT = (ModularLSTM, ModularGRU, ModularRNN, ModularLSTMCell, ModularGRUCell, ModularRNNCell)
 _MODULAR_ATTENTION = (ModularMultiheadAttention, ScaledDotProductAttention)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 #: Largest max-abs difference accepted against the fused kernels, per family: a little
 #: above the largest measured (oneDNN LSTM 5.4e-7; SDPA flash 9.5e-7, MHA fast path
@@ -450,11 +451,13 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
             handle.remove()
     if not calls:
         return None
-    worst = 0.0
+    worst, random = 0.0, 0
     for kernel, positional, keywords, rng in calls:
+        positional, keywords, dropped = _dropout_off(kernel, positional, keywords)
+        random += dropped
         outputs = []
         for kernels in (native_kernels, contextlib.nullcontext):
-            with preserved_state(original), seeded(seed), torch.no_grad(), kernels():
+            with preserved_state(original), seeded(seed), torch.no_grad(), kernels(), _module_dropout_off(kernel):
                 torch.set_rng_state(rng)
                 outputs.append(kernel(*clone_tree(positional), **clone_tree(keywords)))
         checks = compare(outputs[1], outputs[0])
@@ -464,5 +467,51 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
         if not local_diff <= local_bound:
             return None
         worst = max(worst, local_diff / local_bound)
+    why = "the ops after them amplify the difference"
+    if random:
+        why = (f"{random} of them draw dropout masks of their own in train mode, so each is compared with its dropout "
+               "off (the prepared model draws the unfused kernels' masks, bitwise)")
     return (f"each of the {len(calls)} fused kernel call(s) is within its bound on its own inputs "
-            f"(at most {worst:.0%} of it); the ops after them amplify the difference")
+            f"(at most {worst:.0%} of it); {why}")
+
+
+def _dropout_off(kernel: Any, positional: tuple, keywords: dict) -> tuple[tuple, dict, bool]:
+    """A recorded fused kernel call with its dropout off, and whether it had any: a fused
+    kernel draws its dropout mask its own way (SDPA's flash and memory-efficient kernels on
+    CUDA), so with dropout on, its outputs differ from the unfused kernel's by a different
+    mask, not by rounding. Only ``F.scaled_dot_product_attention``'s ``dropout_p`` is an
+    argument; a module's dropout is switched off by :func:`_module_dropout_off`."""
+    if kernel is F.scaled_dot_product_attention:
+        if "dropout_p" in keywords:
+            if keywords["dropout_p"]:
+                return positional, {**keywords, "dropout_p": 0.0}, True
+        elif len(positional) > 4 and positional[4]:
+            return (*positional[:4], 0.0, *positional[5:]), keywords, True
+        return positional, keywords, False
+    return positional, keywords, bool(_dropouts(kernel))
+
+
+def _dropouts(module: Any) -> list[tuple[nn.Module, str]]:
+    """The dropout probabilities a fused module in train mode draws masks with: its own
+    ``dropout`` (``nn.LSTM``, ``nn.MultiheadAttention``) and its ``nn.Dropout`` submodules'."""
+    if not isinstance(module, nn.Module) or not module.training:
+        return []
+    found = []
+    for m in module.modules():
+        if isinstance(m, _DROPOUT) and m.p:
+            found.append((m, "p"))
+        elif isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and m.dropout:
+            found.append((m, "dropout"))
+    return found
+
+
+@contextlib.contextmanager
+def _module_dropout_off(kernel: Any) -> Iterator[None]:
+    saved = [(m, name, getattr(m, name)) for m, name in _dropouts(kernel)]
+    try:
+        for m, name, _ in saved:
+            setattr(m, name, 0.0)
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
