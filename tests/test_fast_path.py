@@ -450,6 +450,36 @@ def test_native_kernel_gives_way_to_anything_that_could_tell():
     assert counter.calls == T  # observed: the modules run, step by step
 
 
+@pytest.mark.parametrize("kind", STACKS)
+@pytest.mark.parametrize("patched", ["op", "cell", "layer"])
+def test_a_method_patched_on_the_class_turns_the_fast_paths_off(kind, patched, monkeypatch):
+    """A quantizer may patch a class for every instance (``nn.Sigmoid.forward``); the fast
+    paths (the native kernel, the LSTM's in-place step, the plain time loop) stand in for
+    the modules as imported, so they give way and the patched method runs at every step."""
+    _, modular = _stack(kind, num_layers=2)
+    x = torch.randn(T, B, I)
+    with torch.no_grad():
+        plain = modular(x)
+    calls = []
+    cell = modular.layers[0].cell
+    target = {"op": type(cell.hidden_linear), "cell": type(cell), "layer": type(modular.layers[0])}[patched]
+    method = "step" if patched == "cell" else "forward"
+    original = getattr(target, method)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(target, method, counted)
+    assert modular._native_kernel(x) is None
+    with torch.no_grad():
+        assert _equal(modular(x), plain)
+    assert len(calls) >= (T if patched != "layer" else 2)
+    monkeypatch.undo()
+    if kind != "lstm":
+        assert modular._native_kernel(x) is not None
+
+
 def test_native_kernel_uses_the_weights_the_modules_hold():
     _, modular = _stack("gru")
     x = torch.randn(T, B, I)

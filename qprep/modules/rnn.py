@@ -66,11 +66,14 @@ from .rnn_cells import _cell_call_args, _cell_result  # noqa: F401  (fx-wrapped 
 
 __all__ = [
     "ModularLSTMCell", "ModularGRUCell", "ModularRNNCell", "ModularRecurrentLayer",
-    "ModularLSTM", "ModularGRU", "ModularRNN", "ONEDNN_LSTM_ATOL",
+    "ModularLSTM", "ModularGRU", "ModularRNN", "ONEDNN_LSTM_ATOL", "CUDA_RNN_ATOL",
 ]
 
 #: bound on ``|ModularLSTM - nn.LSTM|`` against the default oneDNN kernel (float32, CPU).
 ONEDNN_LSTM_ATOL = 1e-6
+#: bound on the modular stacks and cells against CUDA's kernels (cuDNN, or ATen's fused cells),
+#: relative to the outputs' magnitude; cuDNN's default TF32 math on float32 sets it.
+CUDA_RNN_ATOL = 2e-3
 
 
 # ----------------------------------------------------------------------------- layer
@@ -85,8 +88,24 @@ _PLAIN_CALLS = (nn.Module.__call__, TensorOp.__call__)
 
 
 def _as_is(module: nn.Module, cls: type) -> bool:
-    """Whether ``module`` is a plain ``cls`` (not a subclass), unobserved, its ``forward`` its class's."""
-    return type(module) is cls and _unobserved(module) and "forward" not in module.__dict__
+    """Whether ``module`` is a plain ``cls`` (not a subclass), unobserved, its ``forward`` its
+    class's, and its class's methods those it was imported with (see :data:`_METHODS`)."""
+    return type(module) is cls and _unobserved(module) and "forward" not in module.__dict__ and _kept(cls)
+
+
+def _methods(cls: type) -> tuple:
+    return getattr(cls, "forward", None), getattr(cls, "step", None)
+
+
+def _kept(cls: type) -> bool:
+    """Whether ``cls``'s methods are those it was imported with (:data:`_METHODS`)."""
+    return _METHODS.get(cls, _methods(cls)) == _methods(cls)
+
+
+#: The methods of every class a fast path stands in for (the stacks, layers, cells and the
+#: cells' ops), as imported: a class whose ``forward`` (or a cell's ``step``) was replaced
+#: since, for every instance (a quantizer patching ``nn.Sigmoid.forward``), runs its modules.
+_METHODS: dict[type, tuple] = {}
 
 
 def _aten_exact(t: Tensor) -> bool:
@@ -109,9 +128,9 @@ def _plain_forward(module: nn.Module):
     itself for a gate op whose class ``forward`` is known (``nn.Sigmoid`` -> ``torch.sigmoid``,
     a wrapper -> ``operator.add``, ``nn.Linear`` -> ``F.linear`` with its weight); else the
     bound ``forward``. Same call, same arguments, fewer Python frames."""
-    if "forward" in module.__dict__:  # an instance-level forward (patched by a tool)
-        return module.forward
     cls = type(module)
+    if "forward" in module.__dict__ or not _kept(cls):  # a forward patched by a tool
+        return module.forward
     if cls in _UNARY_FORWARD:
         return _UNARY_FORWARD[cls]
     if cls is nn.Linear:
@@ -159,7 +178,7 @@ def _as_built(cell: _ModularCell) -> bool:
     """Whether ``cell`` computes exactly what ATen's cell does: every op is the module it was
     built with (same class and configuration, no patched ``forward``, no hook), and its
     ``step`` is its class's. (Global hooks and tracing: :func:`plain_calls_allowed`.)"""
-    if "step" in cell.__dict__ or "forward" in cell.__dict__:
+    if "step" in cell.__dict__ or not _as_is(cell, type(cell)):
         return False
     reference = _reference_ops(cell)
     if cell._modules.keys() != reference.keys():  # noqa: SLF001
@@ -525,3 +544,14 @@ class ModularRNN(_ModularStack):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", nonlinearity={self.nonlinearity}" if self.nonlinearity != "tanh" else "")
+
+
+def _record_methods() -> None:
+    cells = [ModularLSTMCell(1, 1, device="meta"), ModularGRUCell(1, 1, device="meta"),
+             ModularRNNCell(1, 1, device="meta"), ModularRNNCell(1, 1, nonlinearity="relu", device="meta")]
+    classes = {ModularLSTM, ModularGRU, ModularRNN, ModularRecurrentLayer, nn.Dropout}
+    classes.update(type(m) for cell in cells for m in cell.modules())
+    _METHODS.update((cls, _methods(cls)) for cls in classes)
+
+
+_record_methods()
