@@ -2,11 +2,13 @@
 
 import collections
 import math
+import sys
 
 import torch
 import torch.nn as nn
 
 import qprep
+import qprep.modules as qm
 from qprep.verify import compare
 from tests.models import DistillerBlock
 
@@ -138,3 +140,26 @@ def test_train_mode_fused_attention_with_its_own_dropout_masks_is_compared_with_
         assert "draw dropout masks of their own" in result.kernel_local
     r = qprep.verify(model, gm, (x,), train=False)  # the eval graph: no dropout
     assert r.equal, r.table()
+
+
+def test_recurrent_modules_where_no_unfused_kernel_exists_are_checked_against_their_twins(monkeypatch):
+    """On CUDA no torch kernel computes an LSTM in the modular ops' order (cuDNN; ATen's own
+    fused cell adds both biases after both products), so there the unfused reference is each
+    recurrent module's modular twin, holding its Parameters. Emulated on the CPU: declare it
+    a device without unfused kernels."""
+    from qprep.examples import TinyLSTMLM
+
+    monkeypatch.setattr(sys.modules["qprep.verify.compare"], "UNFUSED_RECURRENT_DEVICES", ("no such device",))
+    torch.manual_seed(0)
+    model = TinyLSTMLM().eval()
+    (x,) = model.example_inputs()
+    gm = qprep.prepare(model, (x,))
+    result = qprep.verify(model, gm, (x,), grad=True)
+    assert result.equal and "modular twins" in result.reference, result.table()
+    assert 0 < result.kernel_diff <= result.kernel_bound
+    assert "forward" not in model.lstm.__dict__  # the module's own forward is back
+    # The twins are the prepared model's own classes: a wrong op in them is in both runs,
+    # and the bound on the fused kernel (each call on its own inputs) catches it.
+    monkeypatch.setattr(qm.Add, "forward", lambda self, a, b: a - b)
+    result = qprep.verify(model, gm, (x,))
+    assert not result.equal and result.kernel_diff > result.kernel_bound and result.kernel_local is None

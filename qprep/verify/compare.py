@@ -38,7 +38,7 @@ from ..modules import (
     ModularGRU, ModularGRUCell, ModularLSTM, ModularLSTMCell, ModularMultiheadAttention, ModularRNN, ModularRNNCell,
     ScaledDotProductAttention,
 )
-from ..modules.rnn import ONEDNN_LSTM_ATOL
+from ..modules.rnn import CUDA_RNN_ATOL, ONEDNN_LSTM_ATOL
 
 __all__ = ["verify_outputs", "VerifyResult", "OutputCheck", "KERNEL_BOUNDS", "native_kernels", "compare"]
 
@@ -54,7 +54,15 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 #: above the largest measured (oneDNN LSTM 5.4e-7; SDPA flash 9.5e-7, MHA fast path
 #: 4.8e-7), see qprep/modules/rnn.py and attention.py and their tests. float32 figures:
 #: half and bfloat16 outputs get them scaled by their coarser resolution (:func:`_precision`).
-KERNEL_BOUNDS = {"recurrent (oneDNN)": ONEDNN_LSTM_ATOL, "attention (fast path)": 2e-6}
+KERNEL_BOUNDS = {"recurrent (oneDNN)": ONEDNN_LSTM_ATOL, "attention (fast path)": 2e-6,
+                 "recurrent (CUDA)": CUDA_RNN_ATOL}
+
+#: Devices where ATen computes ``nn.LSTM``/``GRU``/``RNN`` and their cells, with oneDNN off,
+#: in the very ops and order the modular twins spell out. On CUDA both kernels (cuDNN, and
+#: ATen's own, whose fused cell adds the two biases after the two matrix products) round
+#: otherwise, so there the unfused reference is the twin itself (:func:`_recurrent_twins`).
+UNFUSED_RECURRENT_DEVICES = ("cpu",)
+_TWINS = {m._float_cls: m for m in _MODULAR_RECURRENT}  # noqa: SLF001
 
 
 
@@ -393,10 +401,14 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
         families.append("attention (fast path)")
     if not families:
         return result
-    with native_kernels():
+    with native_kernels(), _recurrent_twins(original) as twins, _recurrent_twins(prepared):
         checks, grads = _compare_once(original, prepared, args, seed, grad)
+    reference = "native kernels" + (f" ({twins} recurrent module(s) on {_devices(original)} as their modular twins)"
+                                    if twins else "")
     if not all(c.equal for c in checks + grads):
-        return VerifyResult(False, checks, result.mode, "native kernels", grads=grads)
+        return VerifyResult(False, checks, result.mode, reference, grads=grads)
+    if twins:  # bounded as CUDA's kernels round
+        families = ["recurrent (CUDA)" if f == "recurrent (oneDNN)" else f for f in families]
     # The bound is on outputs, relative to their size: the fused kernel's difference is a few
     # units in the last place of the values inside it, and what the model does after it
     # (a decoder, `* 100`) scales it with the outputs. Gradients are bitwise equal on the
@@ -409,9 +421,48 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
     local = None
     if diff > bound:  # ops after the kernel (x ** y, a decoder) may amplify its difference
         local = _fused_kernels_within_bounds(original, args, seed)
-    return VerifyResult(diff <= bound or bool(local), checks, result.mode,
-                        "native kernels (oneDNN / attention fast path off)",
+    detail = "oneDNN / attention fast path off" + ("; recurrent modules as their modular twins" if twins else "")
+    return VerifyResult(diff <= bound or bool(local), checks, result.mode, f"native kernels ({detail})",
                         kernel_diff=diff, kernel_bound=bound, grads=grads, kernel_local=local)
+
+
+@contextlib.contextmanager
+def _recurrent_twins(model: nn.Module) -> Iterator[int]:
+    """Each recurrent module of ``model`` on a device outside :data:`UNFUSED_RECURRENT_DEVICES`
+    (CUDA) computed by its modular twin, which holds its Parameters: the unfused reference
+    there. The twins are ATen's unfused CPU kernels bit for bit (``tests/test_rnn_modules.py``);
+    a module that has none (a subclass, a parametrized weight) keeps its kernel, and the
+    comparison then shows it. Yields how many were swapped."""
+    swapped = []
+    for m in model.modules():
+        twin_cls = _TWINS.get(type(m))
+        weight = next(m.parameters(), None) if twin_cls else None
+        if weight is None or weight.device.type in UNFUSED_RECURRENT_DEVICES:
+            continue
+        try:
+            twin = twin_cls.from_float(m).train(m.training)
+        except (TypeError, ValueError):
+            continue
+        swapped.append((m, m.__dict__.get("forward")))
+        m.forward = twin.forward
+    try:
+        yield len(swapped)
+    finally:
+        for m, own in swapped:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+
+
+def _devices(model: nn.Module) -> str:
+    return "/".join(sorted({p.device.type for p in model.parameters()} - set(UNFUSED_RECURRENT_DEVICES)))
+
+
+def _recurrent_family(module: nn.Module) -> str:
+    weight = next(module.parameters(), None)
+    return "recurrent (oneDNN)" if weight is None or weight.device.type in UNFUSED_RECURRENT_DEVICES \
+        else "recurrent (CUDA)"
 
 
 class _RecordAttention(torch.overrides.TorchFunctionMode):
@@ -444,7 +495,7 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in outermost]
     try:
-        with preserved_state(original), native_kernels(), _RecordAttention(calls):
+        with preserved_state(original), native_kernels(), _recurrent_twins(original), _RecordAttention(calls):
             _run(original, args, seed, None)
     finally:
         for handle in handles:
@@ -456,12 +507,14 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
         positional, keywords, dropped = _dropout_off(kernel, positional, keywords)
         random += dropped
         outputs = []
+        unfused = isinstance(kernel, nn.Module) and _recurrent_twins(kernel)
         for kernels in (native_kernels, contextlib.nullcontext):
-            with preserved_state(original), seeded(seed), torch.no_grad(), kernels(), _module_dropout_off(kernel):
+            with preserved_state(original), seeded(seed), torch.no_grad(), kernels(), _module_dropout_off(kernel), \
+                    (unfused if kernels is native_kernels and unfused else contextlib.nullcontext()):
                 torch.set_rng_state(rng)
                 outputs.append(kernel(*clone_tree(positional), **clone_tree(keywords)))
         checks = compare(outputs[1], outputs[0])
-        family = "recurrent (oneDNN)" if isinstance(kernel, _RECURRENT) else "attention (fast path)"
+        family = _recurrent_family(kernel) if isinstance(kernel, _RECURRENT) else "attention (fast path)"
         local_bound = KERNEL_BOUNDS[family] * max(1.0, _largest(checks)) * _precision(checks)
         local_diff = max((c.max_abs_diff for c in checks), default=0.0)
         if not local_diff <= local_bound:
