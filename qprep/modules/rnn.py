@@ -72,8 +72,11 @@ __all__ = [
 #: bound on ``|ModularLSTM - nn.LSTM|`` against the default oneDNN kernel (float32, CPU).
 ONEDNN_LSTM_ATOL = 1e-6
 #: bound on the modular stacks and cells against CUDA's kernels (cuDNN, or ATen's fused cells),
-#: relative to the outputs' magnitude; cuDNN's default TF32 math on float32 sets it.
-CUDA_RNN_ATOL = 2e-3
+#: relative to the outputs' magnitude (float32; half and bfloat16 scaled as TF32's resolution
+#: to theirs). Measured on an H200 (torch 2.11, cuDNN, 4 configurations up to T=64, H=256,
+#: bidirectional): cuDNN 8.3e-4 (nn.RNN; GRU 3.5e-4, LSTM 1.1e-4) with TF32 allowed or not,
+#: half 1.2e-3, bfloat16 1.2e-2; ATen's CUDA kernels (cuDNN off) 1.2e-6; the cells 6e-8.
+CUDA_RNN_ATOL = 3e-3
 
 
 # ----------------------------------------------------------------------------- layer
