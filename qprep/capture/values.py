@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
 from ..core import meta
-from ..core._compat import ORIGINAL_MODULE_CALL, enter_autocast, exit_autocast, extract_tensor_metadata
+from ..core._compat import ORIGINAL_MODULE_CALL, enter_autocast, exit_autocast, extract_tensor_metadata, nonzero_assumed_all
 from ..core.runtime import copy_object, plain_object
 from ..core.template import tree_any
-from .memo import current_results, function_key, method_key, module_key
+from .memo import Results, current_results, function_key, method_key, module_key
 
 __all__ = ["UNKNOWN", "Values", "value_of", "is_known"]
 
@@ -151,6 +151,11 @@ class Values:
         #: id(0-d meta tensor made from Python numbers) -> (the tensor, its real twin on the CPU)
         self._scalars: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.failures: dict[str, _Failure] = {}
+        #: node name -> a stand-in for a value whose size depends on data (``x[mask]``, computed as
+        #: if every mask element were set): never a node's value, only an input to the ops after it,
+        #: whose values are stand-ins too but for the ops whose output is shaped by an input of known
+        #: value (:data:`SHAPED_BY_RECEIVER`: ``h.masked_scatter(mask, norm(h[mask]))``).
+        self._stand_ins: dict[str, Any] = {}
         self.results = current_results()  # op results remembered (shared by the traces of one capture)
 
     # -- what a node's value is --------------------------------------------------------
@@ -163,8 +168,12 @@ class Values:
                 value = self._evaluate(node)
         except _NoValue:
             return
+        except _StandIn as stand_in:  # computed from a stand-in: a stand-in itself
+            self._stand_ins[node.name] = stand_in.value
+            return
         except Exception as exc:  # noqa: BLE001  (an op meta tensors cannot run: no value, traced on symbolically)
             self.failures[node.name] = _Failure(node.name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            self._stand_in_for(node)
             return
         node.meta[meta.VAL] = value
         if isinstance(value, torch.Tensor):
@@ -196,11 +205,45 @@ class Values:
         return found[1] if found is not None else _CPU
 
     # -- evaluation ------------------------------------------------------------------
+    def _stand_in_for(self, node: torch.fx.Node) -> None:
+        """After ``node`` failed on meta tensors: a stand-in for its value if the op's output
+        size is what depends on data (a boolean mask index, ``nonzero``), computed as if every
+        element were set."""
+        if node.op not in ("call_function", "call_method") or not self.enabled:
+            return
+        remembered, self.results = self.results, Results()  # a stand-in is never an op's remembered result
+        try:
+            with self._passthrough(), nonzero_assumed_all():
+                self._stand_ins[node.name] = self._evaluate(node)
+        except _StandIn as stand_in:
+            self._stand_ins[node.name] = stand_in.value
+        except Exception:  # noqa: BLE001  (not a data-dependent size: no stand-in)
+            return
+        finally:
+            self.results = remembered
+
     def _evaluate(self, node: torch.fx.Node) -> Any:
         if node.op == "placeholder":
             return self._placeholder(node)
-        args = torch.fx.node.map_arg(node.args, _required)
-        kwargs = torch.fx.node.map_arg(node.kwargs, _required)
+        stood_in: list[int] = []
+
+        def required(n: torch.fx.Node) -> Any:
+            value = n.meta.get(meta.VAL, UNKNOWN)
+            if value is UNKNOWN:
+                if n.name not in self._stand_ins:
+                    raise _NoValue
+                stood_in.append(n)
+                return self._stand_ins[n.name]
+            return value
+
+        args = torch.fx.node.map_arg(node.args, required)
+        kwargs = torch.fx.node.map_arg(node.kwargs, required)
+        value = self._evaluate_op(node, args, kwargs)
+        if stood_in and not (_shaped_by_receiver(node) and node.args and node.args[0] not in stood_in):
+            raise _StandIn(value)
+        return value
+
+    def _evaluate_op(self, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op == "get_attr":
             obj: Any = self.root
             for part in node.target.split("."):
@@ -498,11 +541,30 @@ class _NoValue(Exception):
     """The node has no example value (an input the example does not give, an unknown input)."""
 
 
-def _required(node: torch.fx.Node) -> Any:
-    value = node.meta.get(meta.VAL, UNKNOWN)
-    if value is UNKNOWN:
-        raise _NoValue
-    return value
+class _StandIn(Exception):
+    """The node's value was computed from a stand-in (see :attr:`Values._stand_ins`)."""
+
+    def __init__(self, value: Any):
+        super().__init__()
+        self.value = value
+
+
+#: Tensor methods (and their ``torch.*`` functions) whose output has the shape, dtype and device
+#: of their receiver whatever the sizes of their other tensor arguments: put a gathered,
+#: data-sized tensor back (``h.masked_scatter(mask, f(h[mask]))``, ``h.index_put_(idx, v)``).
+SHAPED_BY_RECEIVER = frozenset({
+    "masked_scatter", "masked_scatter_", "index_put", "index_put_", "index_add", "index_add_", "index_copy",
+    "index_copy_", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_",
+})
+
+
+def _shaped_by_receiver(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in SHAPED_BY_RECEIVER
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", None)
+        return name in SHAPED_BY_RECEIVER and getattr(torch, name, None) is node.target
+    return False
 
 
 def _in(collection, target) -> bool:

@@ -22,7 +22,7 @@ __all__ = [
     "ORIGINAL_MODULE_CALL", "extract_tensor_metadata", "new_patcher", "patch_class_attribute",
     "wrapped_function_registry",
     "autowrap_search", "set_grad_enabled", "switch_grad_mode", "apply_autograd_function", "enter_autocast", "exit_autocast",
-    "has_forward_pre_hooks", "graph_module", "NATIVE_RNN", "any_autocast_enabled",
+    "has_forward_pre_hooks", "graph_module", "NATIVE_RNN", "any_autocast_enabled", "nonzero_assumed_all",
 ]
 
 #: ATen's native recurrent kernels, as ``nn.GRU``/``nn.RNN`` call them: ``kernel(input, hx, flat_weights,
@@ -232,3 +232,11 @@ def mha_fastpath(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(before)
+
+
+def nonzero_assumed_all():
+    """Meta kernels of ``nonzero`` (so boolean mask indexing) answer as if every element were
+    set, instead of refusing: a stand-in size for an output whose size depends on data."""
+    if hasattr(_fx_config, "meta_nonzero_assume_all_nonzero"):
+        return _fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+    return contextlib.nullcontext()

@@ -1420,3 +1420,52 @@ def test_a_module_made_in_forward_may_set_its_own_attributes():
     model = _MakesAModuleInForward().eval()
     gm = qprep.prepare(model, (torch.randn(2, 3),))
     assert qprep.verify(model, gm, (torch.randn(4, 3),)).equal
+
+
+class Routed(nn.Module):
+    """Tokens routed by a boolean mask through their own norm and MLP, then put back
+    (Hugging Face's Higgs Audio decoder layer): the gathered tensors' sizes depend on data,
+    the result's do not, and Python reads the result's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.audio_norm, self.text_norm, self.text_mlp = nn.LayerNorm(8), nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, h, mask):
+        if self.training:
+            h = h * 2
+        h = h.masked_scatter(mask.unsqueeze(-1), self.audio_norm(h[mask]))
+        h[~mask] += self.text_mlp(self.text_norm(h[~mask]))
+        shape = (*h.shape[:-1], 2, -1)  # as attention splits heads: Python needs the rank
+        if h.shape[-1] % 2:  # and a size
+            raise ValueError("odd width")
+        return h.view(shape)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_data_sized_values_put_back_into_a_known_shape_prepare(train):
+    torch.manual_seed(0)
+    model = Routed().train(train)
+    h, mask = torch.randn(2, 5, 8), torch.rand(2, 5) > 0.5
+    gm = qprep.prepare(model, (h, mask))
+    assert compute_ops_outside_modules(gm) == []
+    for other in (torch.zeros(2, 5, dtype=torch.bool), torch.ones(3, 7, dtype=torch.bool), torch.rand(3, 7) > 0.3):
+        assert equal(model, gm, torch.randn(*other.shape, 8), other)
+
+
+def test_a_size_that_depends_on_data_is_still_refused():
+    """Only the ops that put such a tensor back into a known shape are given values: Python
+    that reads a data-dependent size itself is refused, naming the line (never specialised
+    to the example's mask)."""
+
+    class Counts(nn.Module):
+        def forward(self, h, mask):
+            picked = h[mask] * 2
+            sized = picked.new_zeros(picked.shape[0]) + picked.sum(-1)  # symbolic: fine at any count
+            if picked.shape[0] > 3:  # Python needs the count
+                sized = sized + 1
+            return sized
+
+    model, h = Counts(), torch.randn(2, 5, 8)
+    with pytest.raises(qprep.TraceError, match=r"picked.shape\[0\] > 3"):
+        qprep.prepare(model, (h, torch.rand(2, 5) > 0.5))
