@@ -161,14 +161,47 @@ def reads_metadata_only(node: torch.fx.Node) -> bool:
     return False
 
 
+#: What updates a Python container in place (``pad[dim] = (0, n)``, ``shape.append(n)``).
+_CONTAINER_UPDATES = frozenset({
+    "append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse", "update", "setdefault", "popitem",
+    "add", "discard", "__setitem__", "__delitem__", "__iadd__", "__imul__",
+})
+#: In-place tensor methods that change what the metadata reads answer (``x.unsqueeze_(0)``).
+_METADATA_UPDATES = frozenset({
+    "unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_", "resize_", "resize_as_", "as_strided_",
+    "set_", "requires_grad_", "detach_",
+})
+_UPDATING_FUNCTIONS = frozenset({
+    operator.setitem, operator.delitem, operator.iadd, operator.imul, operator.iconcat, builtins.setattr,
+})
+
+
+def _updated_in_place(node: torch.fx.Node) -> bool:
+    """Whether the graph changes what a metadata read of ``node`` answers, in place: a Python
+    container updated (LongT5 pads with ``pad = [(0, 0)] * x.ndim; pad[dim] = ...``) or a
+    tensor's shape or flags changed (``x.unsqueeze_(0)``). A read of it must stay where it is."""
+    value = node.meta.get("val")
+    container = isinstance(value, (list, dict, set, bytearray))
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_method" and user.target in (_CONTAINER_UPDATES if container else _METADATA_UPDATES):
+            return True
+        if user.op == "call_function" and user.target in _UPDATING_FUNCTIONS \
+                and (container or user.target is builtins.setattr):
+            return True
+    return False
+
+
 def _metadata_ancestors(node: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """``node`` and everything it reads, when all of it only reads the inputs' metadata."""
+    """``node`` and everything it reads, when all of it only reads the inputs' metadata (and
+    no Python container among them is updated in place: moved first, a read would miss it)."""
     found, todo = {}, [node]
     while todo:
         current = todo.pop()
         if current in found:
             continue
-        if not reads_metadata_only(current):
+        if not reads_metadata_only(current) or _updated_in_place(current):
             return None
         found[current] = None
         todo.extend(current.all_input_nodes)

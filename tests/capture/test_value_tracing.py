@@ -1469,3 +1469,32 @@ def test_a_size_that_depends_on_data_is_still_refused():
     model, h = Counts(), torch.randn(2, 5, 8)
     with pytest.raises(qprep.TraceError, match=r"picked.shape\[0\] > 3"):
         qprep.prepare(model, (h, torch.rand(2, 5) > 0.5))
+
+
+class PadToMultiple(nn.Module):
+    """LongT5's ``_pad_to_multiple``: a Python list built from the rank, updated in place,
+    then read; and a guard on it."""
+
+    def forward(self, x):
+        pad_len = -x.shape[1] % 8
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, pad_len)
+        pad = sum(pad[::-1], ())
+        return F.pad(x, pad) * 2
+
+
+class InPlaceView(nn.Module):
+    def forward(self, x):
+        x.unsqueeze_(0)
+        return x * 2 if x.dim() == 3 else x * 3
+
+
+@pytest.mark.parametrize("model", [PadToMultiple, InPlaceView])
+def test_metadata_reads_of_values_updated_in_place_stay_after_the_update(model):
+    """Guards on input metadata run first, but a read of a list the graph updates, or of a
+    tensor whose shape an in-place op changes, runs after that update (moved first, it read
+    the value before it: the prepared model refused its own example)."""
+    model = model()
+    gm = qprep.prepare(model, (torch.randn(2, 5),))
+    assert equal(model, gm, torch.randn(3, 13))
+    assert any(not g.inputs_only for g in meta.graph_fact(gm, meta.GUARDS))
