@@ -496,3 +496,21 @@ def test_f11_verify_restores_a_rebound_buffer():
     for _ in range(2):
         assert qprep.verify(model, gm, (x,)).equal
     assert model.ema is buffer and not buffer.any()
+
+
+class _InPlaceOnUnknownView(nn.Module):
+    def forward(self, x):
+        t = x * x.abs().max().item()  # .item(): no example value from here on
+        view = t.mT
+        view *= 0.5  # updates t
+        return t
+
+
+def test_f12_augmented_assignment_on_an_attribute_of_an_unknown_value_is_in_place():
+    # `t.mT` of a value the example does not give was fx's own Attribute proxy, which has no
+    # __imul__: Python made `view *= 0.5` a `view = view * 0.5`, and t came back unhalved (seed 65694)
+    model = _InPlaceOnUnknownView()
+    x = torch.randn(2, 2, 6, 6)
+    gm = qprep.prepare(model, (x,), check=False)
+    with torch.no_grad():
+        assert torch.equal(gm(x.clone()), model(x.clone()))

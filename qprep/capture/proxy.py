@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.fx
 
-__all__ = ["QprepProxy", "CONSTANT_ATTRS"]
+__all__ = ["QprepProxy", "QprepAttribute", "CONSTANT_ATTRS"]
 
 #: Tensor layout flags that torch.nn code branches on; qprep prepares dense strided tensors.
 CONSTANT_ATTRS = {"is_nested": False, "is_sparse": False, "is_quantized": False, "is_mkldnn": False}
@@ -135,3 +135,10 @@ def _make_inplace(op):
 
 for _name, _op in _INPLACE_MAGIC.items():
     setattr(QprepProxy, f"__{_name}__", _make_inplace(_op))
+
+
+class QprepAttribute(torch.fx.proxy.Attribute, QprepProxy):
+    """fx's lazy ``proxy.name`` (a method called later, or an attribute of a value the example
+    does not give) with :class:`QprepProxy`'s operators: ``t = y.mT; t *= 0.5`` on a value of
+    unknown example is an in-place update of ``y`` (fx's own ``Attribute`` has no ``__imul__``,
+    so Python made it ``t = t * 0.5``, leaving ``y`` as it was)."""

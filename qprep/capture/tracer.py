@@ -66,7 +66,7 @@ from .blocks import Blocks
 from .compound import COMPOUND_NN, TRACEABLE_FORWARDS
 from .guards import GuardRecorder, describe, insert_guards, is_metadata_read, module_output, reads_metadata_only
 from .integrations import runtime_classes
-from .proxy import QprepProxy
+from .proxy import QprepAttribute, QprepProxy
 from .values import UNKNOWN, Values, value_of
 
 __all__ = ["QprepTracer", "QprepProxy", "trace", "TraceNote", "Traced"]
@@ -904,18 +904,18 @@ class QprepTracer(torch.fx.Tracer):
         stays ``None``)."""
         value = value_of(proxy.node)
         if value is UNKNOWN or not self.recording():
-            return torch.fx.proxy.Attribute(proxy, name)
+            return QprepAttribute(proxy, name)
         try:
             with self.passthrough():
                 found = getattr(value, name)
         except AttributeError:
             if self._lacks_attribute(proxy.node, value, name):
                 raise  # `hasattr(weight, "SCB")` is False, as on the original's tensor
-            return torch.fx.proxy.Attribute(proxy, name)  # perhaps an example's own attribute: fails when run
+            return QprepAttribute(proxy, name)  # perhaps an example's own attribute: fails when run
         except Exception:  # noqa: BLE001  (not an attribute of the example: traced, and fails when run)
-            return torch.fx.proxy.Attribute(proxy, name)
+            return QprepAttribute(proxy, name)
         if callable(found) and not isinstance(found, torch.Tensor):
-            return torch.fx.proxy.Attribute(proxy, name)
+            return QprepAttribute(proxy, name)
         return self.create_proxy("call_function", builtins.getattr, (proxy, name), {})
 
     def _lacks_attribute(self, node: torch.fx.Node, value: Any, name: str) -> bool:
