@@ -39,6 +39,7 @@ from qprep.core.graph import (
 )
 from qprep.core.provenance import module_scope, record_change
 from qprep.core.records import REWRITTEN, SKIPPED, PassResult
+from qprep.core.runtime import python_draw
 from qprep.core.template import call_template
 from qprep import modules as qm
 from qprep.modules import TensorOp
@@ -54,6 +55,7 @@ REASON_FUNCTIONAL = "a torch.nn.functional call (or its torch/Tensor twin): conv
 REASON_GENERIC = ("no dedicated wrapper in the tables: kept whole in an exact qprep.modules.Functional wrapper "
                   "(map it to a module of your own with PrepareConfig(op_modules={op: Module}))")
 REASON_NOT_TENSOR = "a method of a Python object, not of a tensor: stays a graph node"
+REASON_PYTHON_DRAW = "a draw from Python's or NumPy's random generator, not a tensor: stays a graph node"
 
 
 def _user_module(node: torch.fx.Node, config: PrepareConfig) -> type | None:
@@ -129,6 +131,8 @@ def _why_not(node: torch.fx.Node, cls: type | None, config: PrepareConfig, tenso
         return "" if _computes_tensor(node, tensors) else REASON_SHAPE
     if is_functional(node):
         return REASON_FUNCTIONAL
+    if node.op == "call_function" and node.target is python_draw:
+        return REASON_PYTHON_DRAW
     if _data_movement(node) or (node.op == "call_function" and isinstance(node.target, type)):
         return REASON_DATA_MOVEMENT  # a class called: builds an output container (a namedtuple, a ModelOutput)
     if not produces_tensor(node, tensors):

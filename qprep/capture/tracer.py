@@ -59,7 +59,7 @@ from ..core.guards import CONVERSIONS, Guard, check_guard, update_buffer
 from ..core.graph import constants_out_of_state
 from ..core.provenance import location_text
 from ..core.records import TraceNote
-from ..core.runtime import plain_object, rebuild_object, structure_kept
+from ..core.runtime import plain_object, python_draw, rebuild_object, structure_kept
 from ..core.template import tree_any
 from ..modules import MODULE_TYPES
 from .blocks import Blocks
@@ -317,22 +317,22 @@ class QprepTracer(torch.fx.Tracer):
                 patcher.patch(torch.__dict__, name, self._recorded(getattr(torch, name), always=False))
 
     def _install_python_rng(self, patcher) -> None:
-        """A draw from Python's or NumPy's global random generator in a traced ``forward``
-        (``if random.random() < p``) is a plain value the trace would fix, the same draw on
-        every call of the prepared model: refused with the line (torch's generators are
-        recorded as ops)."""
+        """A draw from Python's or NumPy's global random generator in a traced ``forward`` is
+        recorded as a call (:func:`~qprep.core.runtime.python_draw`), made again on every
+        call of the prepared model, as torch's generators are. It has no example value: Python
+        that needs it (``if random.random() < p``) is refused with the line, since the trace
+        would fix the draw; LayerDrop's ``self.training and np.random.uniform(0, 1) < p``
+        prepares in eval mode, where the draw is made and not read."""
         for module_name, names in _PYTHON_RNG.items():
             namespace = getattr(sys.modules.get(module_name), "__dict__", None)
             for name in names if namespace is not None else ():
                 if callable(namespace.get(name)):
-                    patcher.patch(namespace, name, self._refused_draw(namespace[name], f"{module_name}.{name}"))
+                    patcher.patch(namespace, name, self._recorded_draw(namespace[name], module_name, name))
 
-    def _refused_draw(self, original, qualified: str):
+    def _recorded_draw(self, original, module_name: str, name: str):
         def draw(*args, **kwargs):
             if self.recording() and not _library_code(sys._getframe(1).f_code.co_filename):  # noqa: SLF001
-                raise StatefulForwardError(
-                    f"forward draws from {qualified}(): the prepared graph would repeat the trace's draw on every "
-                    "call; draw with torch (torch.rand) or keep the module a leaf")
+                return self.create_proxy("call_function", python_draw, (module_name, name, *args), kwargs)
             return original(*args, **kwargs)
 
         return draw
@@ -983,6 +983,12 @@ class QprepTracer(torch.fx.Tracer):
         what = {"bool": "a bool", "index": "an index", "int": "an int", "float": "a float", "len": "a length",
                 "keys": "its keys"}.get(how, how)
         if value is UNKNOWN:
+            draw = _python_draw_in(node)
+            if draw is not None:  # no input would help: the draw changes on every call
+                raise StatefulForwardError(
+                    f"Python control flow needs {what} from `{describe(node)}`, a draw from {draw}() that the "
+                    "prepared model makes anew on every call; the trace would fix it: draw with torch "
+                    "(torch.rand) or keep the module a leaf")
             raise ConcreteValueError(
                 f"Python control flow needs {what} from `{describe(node)}`, and its value is unknown: "
                 f"{self.values.why_unknown(node) if self.values else 'no example inputs were given'}")
@@ -1250,6 +1256,18 @@ def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseE
     fix = f"{', '.join(hints[:-1])}, or {hints[-1]}" if len(hints) > 1 else hints[0]
     message = f"cannot trace {where}{at}{code}: {reason}.\nFix: {fix}."
     return TraceError(message, module=name, module_type=type(m).__name__, location=location)
+
+
+def _python_draw_in(node: torch.fx.Node) -> str | None:
+    """``numpy.random.uniform`` when ``node`` is computed from such a draw (the first found)."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current.op == "call_function" and current.target is python_draw:
+            return f"{current.args[0]}.{current.args[1]}"
+        seen.add(current)
+        todo.extend(n for n in current.all_input_nodes if n not in seen)
+    return None
 
 
 def _module_aliases(root: nn.Module) -> dict[str, list[str]]:

@@ -32,7 +32,7 @@ from torch.fx.node import map_aggregate
 
 from ..core import meta
 from ..core._compat import ORIGINAL_MODULE_CALL, enter_autocast, exit_autocast, extract_tensor_metadata, nonzero_assumed_all
-from ..core.runtime import copy_object, plain_object
+from ..core.runtime import copy_object, plain_object, python_draw
 from ..core.template import tree_any
 from .memo import Results, current_results, function_key, method_key, module_key
 
@@ -289,6 +289,8 @@ class Values:
     def _call_function(self, target: Callable, args: tuple, kwargs: dict) -> Any:
         if target is enter_autocast or target is exit_autocast:
             return None  # the trace enters and leaves the real `with torch.autocast(...)` itself
+        if target is python_draw:  # not drawn at trace time: the prepared model draws on every call
+            raise RuntimeError(f"a draw from {args[0]}.{args[1]}(), made anew on every call: the trace cannot fix it")
         if target is builtins.getattr and len(args) == 2 and isinstance(args[0], torch.Tensor) \
                 and args[1] in _DEVICE_ATTRIBUTES:  # the example's device, not the meta device
             return _DEVICE_ATTRIBUTES[args[1]](self.device(args[0]) if args[0].is_meta else args[0].device)

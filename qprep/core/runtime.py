@@ -6,8 +6,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import importlib
+import random
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -15,7 +18,7 @@ from .inputs import Arguments, keywords_of
 from .template import tree_any
 
 __all__ = ["rebuild_object", "preserved_state", "forked_rng", "clone_tree", "copy_object", "plain_object", "map_tensors", "seeded", "structure_kept",
-           "shallow_copy", "on_meta_device"]
+           "shallow_copy", "on_meta_device", "python_draw"]
 
 
 @contextlib.contextmanager
@@ -116,10 +119,25 @@ def forked_rng():
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run with every random stream seeded with ``seed``, the caller's streams restored after."""
-    with forked_rng():
-        torch.manual_seed(seed)
-        yield
+    """Run with every random stream seeded with ``seed`` (torch's, Python's ``random`` and
+    NumPy's global generator), the caller's streams restored after."""
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with forked_rng():
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+
+
+def python_draw(module: str, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``module.name(*args, **kwargs)``: a draw from Python's ``random`` or NumPy's global
+    generator in a traced ``forward`` (LayerDrop's ``np.random.uniform(0, 1)``), made again on
+    every call of the prepared model, as the original makes it."""
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] | None = None) -> Any:

@@ -835,12 +835,53 @@ class _PythonRandom(nn.Module):
 
 
 @pytest.mark.parametrize("source", ["random", "numpy"])
-def test_a_draw_from_python_or_numpy_random_is_refused(source):
-    """The trace would fix the draw: the prepared model would take one branch on every call."""
-    with pytest.raises(qprep.TraceError, match=rf"draws from {'random.random' if source == 'random' else 'numpy.random.rand'}"
-                       ) as info:
+def test_a_branch_on_a_draw_from_python_or_numpy_random_is_refused(source):
+    """The trace would fix the branch: the prepared model would take one side on every call."""
+    with pytest.raises(qprep.TraceError, match=r"a draw from (random.random|numpy.random.rand)\(\)") as info:
         qprep.prepare(_PythonRandom(source), (torch.randn(4, 5),))
     assert "concrete_args" not in str(info.value)  # no input would help
+
+
+class _NumpyLayerDrop(nn.Module):
+    """VITS's and MusicGen's LayerDrop: a NumPy draw per layer, read in train mode only."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.layers, self.source = nn.ModuleList(nn.Linear(5, 5) for _ in range(3)), source
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        for layer in self.layers:
+            draw = np.random.uniform(0, 1) if self.source == "numpy" else random.uniform(0, 1)
+            if self.training and draw < 0.3:
+                continue
+            x = layer(x) * (1.0 + 0.0 * random.random())
+        return x
+
+
+@pytest.mark.parametrize("source", ["random", "numpy"])
+def test_a_draw_from_python_or_numpy_random_is_made_on_every_call(source):
+    """Recorded as a call: the prepared model draws as the original does (so the generator
+    ends in the same state), and verify seeds Python's and NumPy's generators too."""
+    import random
+
+    import numpy as np
+
+    model = _NumpyLayerDrop(source).eval()
+    gm = qprep.prepare(model, (torch.randn(4, 5),))
+    assert equal(model, gm, torch.randn(7, 5))
+    states = []
+    for run in (model, gm):
+        random.seed(3)
+        np.random.seed(3)
+        run(torch.randn(2, 5))
+        states.append((random.random(), np.random.rand()))
+    assert states[0] == states[1]
+    with pytest.raises(qprep.TraceError, match="draw < 0.3"):  # the line that branches on it
+        qprep.prepare(model.train(), (torch.randn(4, 5),))
 
 
 class _ProbesAttributes(nn.Module):
