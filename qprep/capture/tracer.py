@@ -225,6 +225,7 @@ class QprepTracer(torch.fx.Tracer):
         self._leaf_types = tuple(t for t in self.config.leaf_modules if isinstance(t, type))
         self._leaf_names = frozenset(n for n in self.config.leaf_modules if isinstance(n, str))
         self._opaque: set[str] = set()
+        self._regrouped: set[nn.Module] = set()  # containers made in forward of installed modules
         self._thread = threading.get_ident()
         self._evaluating = 0
         self._patcher = None
@@ -1095,7 +1096,7 @@ class QprepTracer(torch.fx.Tracer):
         stack = dict(self.module_stack)
         if self.config.trace_compound_nn and type(m) in TRACEABLE_FORWARDS:
             forward = functools.partial(TRACEABLE_FORWARDS[type(m)], m)
-        if self.blocks is not None:
+        if self.blocks is not None and m not in self._regrouped:
             forward = self.blocks.wrap(m, name, forward, args, kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -1117,11 +1118,18 @@ class QprepTracer(torch.fx.Tracer):
             return self.path_of_module(m)
         except NameError:
             pass
-        for name, found in self.root.named_modules():
-            if found is m:
-                self.submodule_paths[m] = name
-                return name
+        installed = {id(found): name for name, found in self.root.named_modules()}
+        if id(m) in installed:
+            self.submodule_paths[m] = installed[id(m)]
+            return installed[id(m)]
         if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+            if _regroups(m, installed) and not self.is_leaf_module(m, ""):
+                # `self.features[:4](x)`: a new container of installed modules, traced into
+                # (its children are called by their own names); nothing is installed
+                name = f"{installed[id(next(m.children()))]}.__slice_of_{type(m).__name__.lower()}"
+                self.submodule_paths[m] = name
+                self._regrouped.add(m)
+                return name
             raise NameError(f"{type(m).__name__}, made in forward with parameters or buffers, is not a submodule "
                             "of the model: each call would make new ones")
         base = name = f"made_in_forward_{type(m).__name__.lower()}"
@@ -1134,6 +1142,8 @@ class QprepTracer(torch.fx.Tracer):
         return name
 
     def _can_leaf(self, m: nn.Module) -> bool:
+        if m in self._regrouped:  # not installed: it cannot be called as one module
+            return False
         return self.config.on_untraceable == "leaf" or self._tries_into(m)
 
     def _fallback(self, m, name, forward, args, kwargs, marks, stack, failure):
@@ -1256,6 +1266,14 @@ def _trace_error(name: str, m: nn.Module, location: str, reason: str, exc: BaseE
     fix = f"{', '.join(hints[:-1])}, or {hints[-1]}" if len(hints) > 1 else hints[0]
     message = f"cannot trace {where}{at}{code}: {reason}.\nFix: {fix}."
     return TraceError(message, module=name, module_type=type(m).__name__, location=location)
+
+
+def _regroups(m: nn.Module, installed: dict[int, str]) -> bool:
+    """Whether ``m``, made in ``forward``, only regroups installed modules: no state of its own
+    and every child installed (``nn.Sequential``'s ``self.features[:4]``)."""
+    children = list(m.children())
+    return bool(children) and all(id(c) in installed for c in children) \
+        and not any(True for _ in m.parameters(recurse=False)) and not any(True for _ in m.buffers(recurse=False))
 
 
 def _python_draw_in(node: torch.fx.Node) -> str | None:

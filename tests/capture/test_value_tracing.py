@@ -1083,6 +1083,32 @@ def test_a_module_with_parameters_made_in_forward_is_refused():
         qprep.prepare(_ParametersMadeInForward(), (torch.randn(2, 4),))
 
 
+class _Slices(nn.Module):
+    """A perceptual loss's ``self.features[:k](x)``: a new ``nn.Sequential`` on every call,
+    holding the installed layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        early = self.features[:2](x)
+        late = self.features[2:](early)
+        regrouped = nn.Sequential(self.features[0], self.features[1])(x)  # made anew, of installed modules
+        return self.head(late.mean((2, 3))), early.mean() + regrouped.mean()
+
+
+def test_containers_made_in_forward_of_installed_modules_are_traced_into():
+    model = _Slices()
+    gm = qprep.prepare(model, (torch.randn(1, 3, 8, 8),))
+    assert list(gm.state_dict()) == list(model.state_dict())  # nothing installed twice
+    assert qprep.verify(model, gm, (torch.randn(2, 3, 10, 10),), grad=True).equal
+    assert compute_ops_outside_modules(gm) == []
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls.count("features.0") == 1 and "features.0_1" in calls  # the re-used conv split per call site
+
+
 class _OrderedOutputs(nn.Module):
     def forward(self, x):
         result = collections.OrderedDict()
