@@ -74,7 +74,7 @@ class QprepProxy(torch.fx.Proxy):
         recording = getattr(self.tracer, "recording", None)
         if recording is not None and recording():
             return self.tracer.create_proxy("call_function", how, (self,), {})
-        return type(self)(self.node, self.tracer)
+        return QprepProxy(self.node, self.tracer)  # (a QprepAttribute's class takes other arguments)
 
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
