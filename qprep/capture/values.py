@@ -225,7 +225,7 @@ class Values:
     def _evaluate(self, node: torch.fx.Node) -> Any:
         if node.op == "placeholder":
             return self._placeholder(node)
-        stood_in: list[int] = []
+        stood_in: list[torch.fx.Node] = []
 
         def required(n: torch.fx.Node) -> Any:
             value = n.meta.get(meta.VAL, UNKNOWN)
