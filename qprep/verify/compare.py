@@ -411,8 +411,8 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
         return result
     with native_kernels(), _recurrent_twins(original) as twins, _recurrent_twins(prepared):
         checks, grads = _compare_once(original, prepared, args, seed, grad)
-    reference = "native kernels" + (f" ({twins} recurrent module(s) on {_devices(original)} as their modular twins)"
-                                    if twins else "")
+    reference = "native kernels (oneDNN / attention fast path off" \
+        + (f"; {twins} recurrent module(s) as their modular twins)" if twins else ")")
     if not all(c.equal for c in checks + grads):
         return VerifyResult(False, checks, result.mode, reference, grads=grads)
     if twins:  # bounded as CUDA's kernels round
@@ -428,8 +428,7 @@ def _against_native(original, prepared, args, seed, grad, result: VerifyResult) 
     local = None
     if diff > bound:  # ops after the kernel (x ** y, a decoder) may amplify its difference
         local = _fused_kernels_within_bounds(original, args, seed)
-    detail = "oneDNN / attention fast path off" + ("; recurrent modules as their modular twins" if twins else "")
-    return VerifyResult(diff <= bound or bool(local), checks, result.mode, f"native kernels ({detail})",
+    return VerifyResult(diff <= bound or bool(local), checks, result.mode, reference,
                         kernel_diff=diff, kernel_bound=bound, grads=grads, kernel_local=local)
 
 
@@ -460,10 +459,6 @@ def _recurrent_twins(model: nn.Module) -> Iterator[int]:
                 del m.forward
             else:
                 m.forward = own
-
-
-def _devices(model: nn.Module) -> str:
-    return "/".join(sorted({p.device.type for p in model.parameters()} - set(UNFUSED_RECURRENT_DEVICES)))
 
 
 def _recurrent_family(module: nn.Module) -> str:
@@ -514,10 +509,8 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
         positional, keywords, dropped = _dropout_off(kernel, positional, keywords)
         random += dropped
         outputs = []
-        unfused = isinstance(kernel, nn.Module) and _recurrent_twins(kernel)
-        for kernels in (native_kernels, contextlib.nullcontext):
-            with preserved_state(original), seeded(seed), torch.no_grad(), kernels(), _module_dropout_off(kernel), \
-                    (unfused if kernels is native_kernels and unfused else contextlib.nullcontext()):
+        for kernels in (_unfused, _as_is):
+            with preserved_state(original), seeded(seed), torch.no_grad(), kernels(kernel), _module_dropout_off(kernel):
                 torch.set_rng_state(rng)
                 outputs.append(kernel(*clone_tree(positional), **clone_tree(keywords)))
         checks = compare(outputs[1], outputs[0])
@@ -533,6 +526,18 @@ def _fused_kernels_within_bounds(original: nn.Module, args: tuple, seed: int) ->
                "off (the prepared model draws the unfused kernels' masks, bitwise)")
     return (f"each of the {len(calls)} fused kernel call(s) is within its bound on its own inputs "
             f"(at most {worst:.0%} of it); {why}")
+
+
+@contextlib.contextmanager
+def _unfused(kernel: Any) -> Iterator[None]:
+    """The unfused kernel of a recorded fused call: the native kernels, and on CUDA a
+    recurrent module's modular twin."""
+    with native_kernels(), (_recurrent_twins(kernel) if isinstance(kernel, nn.Module) else contextlib.nullcontext()):
+        yield
+
+
+def _as_is(kernel: Any) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def _dropout_off(kernel: Any, positional: tuple, keywords: dict) -> tuple[tuple, dict, bool]:
