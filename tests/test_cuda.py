@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import qprep
+from qprep.core.runtime import map_tensors
 from qprep.examples import TinyLSTMLM
 from qprep.modules import ModularLSTM
 from qprep.modules.rnn import CUDA_RNN_ATOL
@@ -212,11 +213,7 @@ def test_prepared_model_on_cuda_is_bitwise_equal(train):
 
 # ----------------------------------------------------------------------------- whole models on CUDA
 def _to(tree, device):
-    if isinstance(tree, dict):
-        return {k: _to(v, device) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_to(v, device) for v in tree)
-    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
+    return map_tensors(tree, lambda t: t.to(device))
 
 
 class GRUTagger(nn.Module):

@@ -984,12 +984,12 @@ class QprepTracer(torch.fx.Tracer):
         what = {"bool": "a bool", "index": "an index", "int": "an int", "float": "a float", "len": "a length",
                 "keys": "its keys"}.get(how, how)
         if value is UNKNOWN:
-            draw = _python_draw_in(node)
-            if draw is not None:  # no input would help: the draw changes on every call
+            failed = self.values.failed_source(node) if self.values else None
+            if failed is not None and failed.target is python_draw:  # no input would help: a new draw per call
                 raise StatefulForwardError(
-                    f"Python control flow needs {what} from `{describe(node)}`, a draw from {draw}() that the "
-                    "prepared model makes anew on every call; the trace would fix it: draw with torch "
-                    "(torch.rand) or keep the module a leaf")
+                    f"Python control flow needs {what} from `{describe(node)}`, a draw from "
+                    f"{failed.args[0]}.{failed.args[1]}() that the prepared model makes anew on every call; the "
+                    "trace would fix it: draw with torch (torch.rand) or keep the module a leaf")
             raise ConcreteValueError(
                 f"Python control flow needs {what} from `{describe(node)}`, and its value is unknown: "
                 f"{self.values.why_unknown(node) if self.values else 'no example inputs were given'}")
@@ -1274,18 +1274,6 @@ def _regroups(m: nn.Module, installed: dict[int, str]) -> bool:
     children = list(m.children())
     return bool(children) and all(id(c) in installed for c in children) \
         and not any(True for _ in m.parameters(recurse=False)) and not any(True for _ in m.buffers(recurse=False))
-
-
-def _python_draw_in(node: torch.fx.Node) -> str | None:
-    """``numpy.random.uniform`` when ``node`` is computed from such a draw (the first found)."""
-    seen, todo = set(), [node]
-    while todo:
-        current = todo.pop()
-        if current.op == "call_function" and current.target is python_draw:
-            return f"{current.args[0]}.{current.args[1]}"
-        seen.add(current)
-        todo.extend(n for n in current.all_input_nodes if n not in seen)
-    return None
 
 
 def _module_aliases(root: nn.Module) -> dict[str, list[str]]:

@@ -188,16 +188,24 @@ class Values:
         """Why ``node`` has no value, as text."""
         if not self.enabled:
             return "no example inputs were given (pass example_inputs)"
+        failed = self.failed_source(node)
+        if failed is not None:
+            f = self.failures[failed.name]
+            return f"`{failed.format_node()}` could not run on the example's meta tensors ({f.error})"
+        return "it depends on a value qprep could not compute on the example"
+
+    def failed_source(self, node: torch.fx.Node) -> torch.fx.Node | None:
+        """The first node up the graph from ``node`` (itself included) that had no value
+        because its op failed on the example's meta tensors, if any."""
         seen: set = set()
         todo = [node]
-        while todo:  # the first node up the graph that failed on meta tensors
+        while todo:
             current = todo.pop()
             if current.name in self.failures:
-                f = self.failures[current.name]
-                return f"`{current.format_node()}` could not run on the example's meta tensors ({f.error})"
+                return current
             seen.add(current)
             todo.extend(n for n in current.all_input_nodes if n not in seen)
-        return "it depends on a value qprep could not compute on the example"
+        return None
 
     def device(self, value: torch.Tensor) -> torch.device:
         """The real device the meta tensor ``value`` stands for."""

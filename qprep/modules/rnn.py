@@ -114,6 +114,8 @@ _METHODS: dict[type, tuple] = {}
 def _aten_exact(t: Tensor) -> bool:
     """Whether ``t`` is a float32 or float64 CPU tensor: where the modules' ops are proven ATen's bits."""
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
 #: module types whose ``forward`` is exactly ``fn(input)``.
 _UNARY_FORWARD = {nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh}
 
